@@ -1,0 +1,73 @@
+"""Everything the tool prints: the Rich console, progress bars, tables and the one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+console = Console()
+error_console = Console(stderr=True)
+
+
+def print_error(message: str) -> None:
+    """One line on stderr, no traceback."""
+    error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def print_warning(message: str) -> None:
+    error_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None, unit: str = "") -> Iterator[Callable[..., None]]:
+    """A Rich progress bar; yields ``advance(n=1, **fields)`` for library callbacks.
+
+    Keyword fields (e.g. ``status="loss 0.31"``) replace the text shown after the bar.
+    """
+    columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"),
+               TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total, status="")
+
+        def advance(n: int = 1, **fields: Any) -> None:
+            progress.update(task, advance=n, **fields)
+
+        yield advance
+
+
+def key_value_table(title: str, rows: Mapping[str, Any]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in rows.items():
+        table.add_row(key, str(value))
+    return table
+
+
+def format_value(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}g}" if abs(value) < 1e-2 and value != 0 else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def metric_table(title: str, columns: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]],
+                 best: Sequence[int | None] = ()) -> Table:
+    """A paper-style table: one row per label, one column per metric; ``best[c]`` is the row index
+    to highlight in column ``c`` (or None)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("", style="bold")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row_index, (label, cells) in enumerate(rows):
+        styled = [f"[bold green]{cell}[/]" if column < len(best) and best[column] == row_index else cell
+                  for column, cell in enumerate(cells)]
+        table.add_row(label, *styled)
+    return table

@@ -1,0 +1,224 @@
+"""The TarGAN networks: the two-stream generator, the PatchGAN discriminator, the shape controller.
+
+Every width is derived from ``ModelConfig`` (METHOD.md, "Networks"); the ``paper`` preset is the
+official network, parameter for parameter, so that converted official checkpoints load strictly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from targan_cli.config import ModelConfig
+
+NEGATIVE_SLOPE = 0.01
+
+
+def _conv_norm_act(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.InstanceNorm2d(out_channels, affine=True),
+        nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True),
+    ]
+
+
+class DoubleConv(nn.Sequential):
+    """[conv3x3 (no bias), InstanceNorm (affine), LeakyReLU(0.01)] twice: METHOD.md's block(a -> b)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(*_conv_norm_act(in_channels, out_channels), *_conv_norm_act(out_channels, out_channels))
+
+
+class DownBlock(nn.Module):
+    """Double conv, then (skip = first half of the channels, output average-pooled 2x2)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.convs = DoubleConv(in_channels, out_channels)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.convs(x)  # (N, C, H, W)
+        skip = features[:, : features.shape[1] // 2]  # (N, C/2, H, W): only half the channels skip
+        return skip, F.avg_pool2d(features, 2)  # (N, C, H/2, W/2)
+
+
+class UpBlock(nn.Module):
+    """Double conv (in -> out), then nearest upsampling x2 and conv3x3 (out -> out/2) + IN + LeakyReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.convs = DoubleConv(in_channels, out_channels)
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                *_conv_norm_act(out_channels, out_channels // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.convs(x))
+
+
+class Encoder(nn.Module):
+    """Encoder_x or Encoder_r: ``encoder_depth`` down blocks from the (1 + n)-channel input."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        widths = [config.base_width * 2**level for level in range(config.encoder_depth)]
+        inputs = [1 + config.num_modalities, *widths[:-1]]
+        self.blocks = nn.ModuleList(DownBlock(a, b) for a, b in zip(inputs, widths))
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        skips = []
+        for block in self.blocks:
+            skip, x = block(x)
+            skips.append(skip)
+        return skips, x  # skips from full resolution down; x: (N, C_enc, H / 2^depth, W / 2^depth)
+
+
+class SharedBlock(nn.Module):
+    """The middle U-Net shared by both streams: down blocks, a bottom up-block, up blocks."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        first = config.base_width * 2 ** (config.encoder_depth - 1)  # channels arriving from an encoder
+        levels = config.shared_depth - 1
+        down_in = [first * 2**level for level in range(levels)]
+        self.downs = nn.ModuleList(DownBlock(c, 2 * c) for c in down_in)
+        bottom_in = first * 2**levels
+        self.bottom = UpBlock(bottom_in, 2 * bottom_in)  # output: bottom_in channels, one level up
+        # Going up, level j concatenates the upsampled path (2c channels) with the skip of down block
+        # j (c channels, half of its 2c outputs) and returns c channels one level up.
+        self.ups = nn.ModuleList(UpBlock(3 * c, 2 * c) for c in reversed(down_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.downs:
+            skip, x = block(x)
+            skips.append(skip)
+        x = self.bottom(x)
+        for block, skip in zip(self.ups, reversed(skips)):
+            x = block(torch.cat([x, skip], dim=1))
+        return x  # (N, C_enc, H_enc * 2, W_enc * 2)
+
+
+class Decoder(nn.Module):
+    """Decoder_x or Decoder_r: up blocks with the encoder's skips, a final double conv, 1x1 conv, tanh."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        widths = [config.base_width * 2**level for level in range(config.encoder_depth)]
+        # Level i (from the deepest encoder level but one, up to level 1) takes the path (widths[i])
+        # plus the skip (widths[i] / 2) and returns widths[i] / 2 channels one level up.
+        self.ups = nn.ModuleList(UpBlock(w + w // 2, w) for w in reversed(widths[1:]))
+        self.final = DoubleConv(widths[0] + widths[0] // 2, widths[0])
+        self.head = nn.Conv2d(widths[0], 1, kernel_size=1, bias=False)
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        deepest_first = skips[::-1]
+        for block, skip in zip(self.ups, deepest_first):
+            x = block(torch.cat([x, skip], dim=1))
+        x = self.final(torch.cat([x, deepest_first[-1]], dim=1))
+        return torch.tanh(self.head(x))  # (N, 1, H, W) in [-1, 1]
+
+
+def target_onehot(target: torch.Tensor, num_modalities: int) -> torch.Tensor:
+    """Modality indices (N,) or one-hot rows (N, n) -> float one-hot rows (N, n)."""
+    if target.dim() == 1:
+        return F.one_hot(target.long(), num_modalities).float()
+    if target.dim() == 2 and target.shape[1] == num_modalities:
+        return target.float()
+    raise ValueError(f"target must be (N,) indices or (N, {num_modalities}) one-hot rows, got {tuple(target.shape)}")
+
+
+class Generator(nn.Module):
+    """G(x, target) -> x_t; G(x, target, area) -> (x_t, r_t).
+
+    ``x`` and ``area`` are (N, 1, H, W) in [-1, 1]; ``target`` holds modality indices (N,) or one-hot
+    rows (N, n). The target stream (Encoder_r, Decoder_r) runs only when ``area`` is given.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder_x = Encoder(config)
+        self.encoder_r = Encoder(config)
+        self.shared = SharedBlock(config)
+        self.decoder_x = Decoder(config)
+        self.decoder_r = Decoder(config)
+
+    def _with_label(self, image: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        n, _, height, width = image.shape
+        planes = onehot.to(image.dtype)[:, :, None, None].expand(n, onehot.shape[1], height, width)
+        return torch.cat([image, planes], dim=1)  # (N, 1 + n, H, W)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor, area: torch.Tensor | None = None):
+        onehot = target_onehot(target.to(x.device), self.config.num_modalities)
+        skips_x, encoded_x = self.encoder_x(self._with_label(x, onehot))
+        if area is None:
+            return self.decoder_x(self.shared(encoded_x), skips_x)
+        skips_r, encoded_r = self.encoder_r(self._with_label(area, onehot))
+        # Instance norm is per sample, so both streams share one pass through the shared block.
+        shared_x, shared_r = self.shared(torch.cat([encoded_x, encoded_r])).chunk(2)
+        return self.decoder_x(shared_x, skips_x), self.decoder_r(shared_r, skips_r)
+
+
+class Critique(NamedTuple):
+    src: torch.Tensor  # (N, 1, h, w) patch map of real/fake scores
+    cls: torch.Tensor  # (N, 2n) logits: s = real of modality s, n + s = fake translated from s
+
+
+class Discriminator(nn.Module):
+    """PatchGAN D_x or D_r with a src (real/fake) head and a 2n-way modality classification head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        widths = [config.disc_width * 2**level for level in range(config.disc_depth)]
+        layers: list[nn.Module] = []
+        for in_channels, out_channels in zip([1, *widths[:-1]], widths):
+            layers += [nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1),
+                       nn.LeakyReLU(NEGATIVE_SLOPE)]
+        self.main = nn.Sequential(*layers)
+        self.src = nn.Conv2d(widths[-1], 1, kernel_size=3, padding=1, bias=False)
+        final_size = config.image_size // 2**config.disc_depth
+        self.cls = nn.Conv2d(widths[-1], 2 * config.num_modalities, kernel_size=final_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> Critique:
+        features = self.main(x)  # (N, C, H / 2^depth, W / 2^depth)
+        return Critique(self.src(features), self.cls(features).flatten(1))
+
+
+class ShapeController(nn.Module):
+    """Plain U-Net S: max-pool down, transposed-conv up with skips, 1x1 conv, sigmoid -> (N, 1, H, W).
+
+    Also serves as the liver segmenter of the evaluation (``out_channels`` logits when
+    ``sigmoid=False``).
+    """
+
+    def __init__(self, width: int, depth: int, in_channels: int = 1, out_channels: int = 1,
+                 sigmoid: bool = True):
+        super().__init__()
+        widths = [width * 2**level for level in range(depth)]
+        self.downs = nn.ModuleList(DoubleConv(a, b) for a, b in zip([in_channels, *widths[:-1]], widths))
+        self.upsamplers = nn.ModuleList(nn.ConvTranspose2d(2 * w, w, kernel_size=2, stride=2)
+                                        for w in reversed(widths[:-1]))
+        self.ups = nn.ModuleList(DoubleConv(2 * w, w) for w in reversed(widths[:-1]))
+        self.head = nn.Conv2d(widths[0], out_channels, kernel_size=1)
+        self.sigmoid = sigmoid
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> ShapeController:
+        return cls(config.shape_width, config.shape_depth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level, block in enumerate(self.downs):
+            x = block(x if level == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for upsample, block, skip in zip(self.upsamplers, self.ups, reversed(skips[:-1])):
+            x = block(torch.cat([skip, upsample(x)], dim=1))
+        logits = self.head(x)
+        return torch.sigmoid(logits) if self.sigmoid else logits
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

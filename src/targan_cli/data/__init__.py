@@ -1,0 +1,1 @@
+"""Datasets: the DATA layout, the training slice cache, CHAOS import and the phantom generator."""

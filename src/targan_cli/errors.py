@@ -1,0 +1,29 @@
+"""The one error type a user can cause. The CLI turns it into a one-line message and exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TarganError(Exception):
+    """A problem with the user's input, files or options: reported in one line, never a traceback.
+
+    ``path`` names the file or folder concerned; the message says what is wrong with it and,
+    where it helps, what to do. ``exit_code`` is 1 for bad data or files, 2 for bad usage.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None, exit_code: int = 1):
+        self.message = message
+        self.path = None if path is None else Path(path)
+        self.exit_code = exit_code
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path is not None else self.message
+
+
+class UsageError(TarganError):
+    """A bad option or a combination of options (exit code 2)."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message, path, exit_code=2)

@@ -1,0 +1,1 @@
+"""File formats: volumes with geometry, weights folders, atomic writes."""

@@ -1,0 +1,71 @@
+"""Atomic outputs: write to a temporary name beside the target, rename when complete.
+
+A failure (an exception, Ctrl-C, a full disk) removes the temporary file, so a user finds either
+the complete previous output or none. An existing output is never replaced unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from targan_cli.errors import TarganError
+
+
+def check_writable(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output without ``overwrite``; create the parent folder."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise TarganError("already exists; pass --overwrite to replace it", path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TarganError(f"cannot create the output folder: {error.strerror or error}", path.parent) from None
+    return path
+
+
+def _temporary_name(path: Path, is_dir: bool) -> Path:
+    # Keep the full suffix (".nii.gz") so that writers which infer the format from it still work.
+    prefix = f".{path.name.split('.')[0]}.tmp-"
+    suffix = "".join(path.suffixes)
+    try:
+        if is_dir:
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        handle, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    except OSError as error:
+        raise TarganError(f"cannot write here: {error.strerror or error}", path.parent) from None
+    os.close(handle)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, overwrite: bool = False, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds.
+
+    With ``is_dir`` the temporary is a folder, moved into place as a whole.
+    """
+    path = check_writable(path, overwrite)
+    temporary = _temporary_name(path, is_dir)
+    try:
+        yield temporary
+        if is_dir and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(temporary, path)
+    except OSError as error:
+        _remove(temporary)
+        raise TarganError(f"cannot write: {error.strerror or error}", path) from None
+    except BaseException:
+        _remove(temporary)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

@@ -1,0 +1,81 @@
+"""Parameter names of the official TarGAN generator (github 2165998/TarGAN) and ours, both ways.
+
+The official code saves ``netG.state_dict()`` (and the EMA copy ``netG_use``) with ``torch.save``;
+``load_official_state_dict`` reads such a file with ``weights_only=True`` (tensors only, no code
+runs). The official network is this project's ``paper`` preset with the modalities of
+``config.official_modalities()`` (official indices t1 = 0, t2 = 1, ct = 2).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from targan_cli.config import ModelConfig
+from targan_cli.errors import TarganError
+
+
+_STREAMS = {"img": "x", "target": "r"}
+_PATTERNS = (
+    (re.compile(r"^(img|target)_encoder\.encoder\.(\d+)\.conv\.(.+)$"),
+     lambda m, last: f"encoder_{_STREAMS[m[1]]}.blocks.{m[2]}.convs.{m[3]}"),
+    (re.compile(r"^share_net\.encoder\.(\d+)\.conv\.(.+)$"),
+     lambda m, last: f"shared.downs.{m[1]}.convs.{m[2]}"),
+    (re.compile(r"^share_net\.bottom\.conv\.(.+)$"), lambda m, last: f"shared.bottom.convs.{m[1]}"),
+    (re.compile(r"^share_net\.bottom\.up\.up\.(.+)$"), lambda m, last: f"shared.bottom.up.{m[1]}"),
+    (re.compile(r"^share_net\.decoder\.(\d+)\.conv\.(.+)$"), lambda m, last: f"shared.ups.{m[1]}.convs.{m[2]}"),
+    (re.compile(r"^share_net\.decoder\.(\d+)\.up\.up\.(.+)$"), lambda m, last: f"shared.ups.{m[1]}.up.{m[2]}"),
+    (re.compile(r"^(img|target)_decoder\.decoder\.(\d+)\.conv\.(.+)$"),
+     lambda m, last: (f"decoder_{_STREAMS[m[1]]}.final.{m[3]}" if int(m[2]) == last
+                      else f"decoder_{_STREAMS[m[1]]}.ups.{m[2]}.convs.{m[3]}")),
+    (re.compile(r"^(img|target)_decoder\.decoder\.(\d+)\.up\.up\.(.+)$"),
+     lambda m, last: f"decoder_{_STREAMS[m[1]]}.ups.{m[2]}.up.{m[3]}"),
+    (re.compile(r"^out_img\.weight$"), lambda m, last: "decoder_x.head.weight"),
+    (re.compile(r"^out_tumor\.weight$"), lambda m, last: "decoder_r.head.weight"),
+)
+
+
+def official_to_ours(name: str, config: ModelConfig) -> str:
+    """Our parameter name for an official one; KeyError when the official name is unknown."""
+    last = config.encoder_depth - 1  # the official decoder's last block is our ``final``
+    for pattern, rename in _PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return rename(match, last)
+    raise KeyError(name)
+
+
+def convert_official_state_dict(state: dict[str, torch.Tensor], config: ModelConfig,
+                                source: Path | None = None) -> dict[str, torch.Tensor]:
+    """Rename an official generator state dict to ours; unknown names are a TarganError."""
+    converted, unknown = {}, []
+    for name, tensor in state.items():
+        try:
+            converted[official_to_ours(name.removeprefix("module."), config)] = tensor
+        except KeyError:
+            unknown.append(name)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise TarganError(f"not an official TarGAN generator: unknown parameter(s) {shown}", source)
+    return converted
+
+
+def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an official ``netG_*.pkl`` with ``torch.load(weights_only=True)``: tensors only."""
+    path = Path(path)
+    if not path.is_file():
+        raise TarganError("file not found" if not path.exists() else "not a file", path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and weights-only refusals all mean "not a state dict"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TarganError(f"not a PyTorch state dict that loads safely (weights_only): {reason[:200]}",
+                          path) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise TarganError("not a generator state dict (expected a mapping of names to tensors)", path)
+    return state

@@ -1,0 +1,170 @@
+"""Weights folders: ``model.safetensors`` (the EMA generator) and ``config.json``.
+
+Sources are a local folder, a local ``model.safetensors`` (with ``config.json`` beside it), or a
+Hugging Face Hub repo id ``org/name`` with an optional ``@revision``, downloaded with
+``hf_hub_download`` into the standard cache (``HF_HUB_OFFLINE=1`` works once it is there).
+Loading checks names, shapes and dtypes strictly: a folder whose tensors do not match its config
+is refused with a message that names the mismatch. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from targan_cli.config import WeightsConfig, read_json
+from targan_cli.core.networks import Generator
+from targan_cli.errors import TarganError
+from targan_cli.io.atomic import atomic_output
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+WEIGHTS_ENV = "TARGAN_WEIGHTS"
+# The Hub repo the tool uses when neither --weights nor TARGAN_WEIGHTS is given (weights/README.md).
+DEFAULT_REPO = "targan-cli/targan-chaos"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A loaded weights folder: the generator (eval mode), its config and where it came from."""
+
+    generator: Generator
+    config: WeightsConfig
+    folder: Path
+
+
+def save_weights(folder: str | Path, generator: Generator, config: WeightsConfig,
+                 overwrite: bool = False) -> Path:
+    """Write a weights folder atomically (a temporary folder renamed into place)."""
+    if generator.config != config.model:
+        raise ValueError("the generator was not built from config.model")
+    tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous()
+               for name, tensor in generator.state_dict().items()}
+    with atomic_output(folder, overwrite=overwrite, is_dir=True) as temporary:
+        save_file(tensors, str(temporary / WEIGHTS_FILE), metadata={"format": "pt"})
+        (temporary / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return Path(folder)
+
+
+def read_weights_config(folder: str | Path) -> WeightsConfig:
+    """The ``config.json`` of a weights folder, validated."""
+    path = Path(folder) / CONFIG_FILE
+    data = read_json(path)
+    try:
+        return WeightsConfig.from_dict(data)
+    except TarganError as error:
+        raise TarganError(error.message, path) from None
+
+
+def _split_revision(source: str, revision: str | None) -> tuple[str, str | None]:
+    if "@" in source:
+        source, at_revision = source.split("@", 1)
+        if revision is not None and revision != at_revision:
+            raise TarganError(f"two revisions given: @{at_revision} and --revision {revision}", exit_code=2)
+        revision = at_revision
+    return source, revision
+
+
+def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
+    """Fetch config.json and model.safetensors of a Hub repo; returns the snapshot folder and commit."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        paths = [Path(hf_hub_download(repo_id, name, revision=revision)) for name in (CONFIG_FILE, WEIGHTS_FILE)]
+    except LocalEntryNotFoundError:
+        raise TarganError(
+            f"weights {repo_id!r} are neither in the local Hugging Face cache nor reachable "
+            "(offline?). Train your own with `targan train --data DATA` and pass "
+            "--weights RUN/export, or set TARGAN_WEIGHTS to a weights folder"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TarganError(
+            f"cannot download weights {repo_id!r}"
+            f"{'@' + revision if revision else ''}: {first_line[:200]}. Check the repo id and "
+            "revision, or pass --weights with a local weights folder"
+        ) from None
+    snapshot = paths[0].parent
+    # The cache lays files out as .../snapshots/<commit hash>/<file>.
+    commit = snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else None
+    return snapshot, commit
+
+
+def resolve_weights(source: str | Path | None = None, revision: str | None = None) -> tuple[Path, dict]:
+    """A weights source -> (local folder, provenance additions). See the module docstring."""
+    if source is None:
+        source = os.environ.get(WEIGHTS_ENV) or DEFAULT_REPO
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        if revision is not None:
+            raise TarganError("--revision applies to Hub repo ids, not to local weights", path, exit_code=2)
+        folder = path.parent if path.is_file() else path
+        if path.is_file() and path.name != WEIGHTS_FILE:
+            raise TarganError(f"expected a weights folder or a {WEIGHTS_FILE} file", path)
+        return folder, {}
+    repo_id, revision = _split_revision(text, revision)
+    if not _REPO_ID.match(repo_id) or text.startswith((".", "/", "~")):
+        raise TarganError("no such weights folder or file (and not a Hub repo id like org/name)", path)
+    folder, commit = _download(repo_id, revision)
+    return folder, {"hub_repo": repo_id, "hub_revision": revision, "hub_commit": commit}
+
+
+def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse missing or unexpected names, wrong shapes and non-float dtypes, naming the first."""
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s) ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensor(s) ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''})")
+    for name in sorted(set(tensors) & set(expected)):
+        if tensors[name].shape != expected[name].shape:
+            problems.append(f"{name} has shape {tuple(tensors[name].shape)}, the config needs "
+                            f"{tuple(expected[name].shape)}")
+            break
+        if not tensors[name].is_floating_point():
+            problems.append(f"{name} has dtype {tensors[name].dtype}, expected a floating-point tensor")
+            break
+    if problems:
+        raise TarganError("tensors do not match config.json: " + "; ".join(problems), path)
+
+
+def load_weights(source: str | Path | None = None, revision: str | None = None,
+                 device: str | torch.device = "cpu") -> Weights:
+    """Load a weights folder (local or Hub) with strict name, shape and dtype checks."""
+    folder, provenance = resolve_weights(source, revision)
+    config = read_weights_config(folder)
+    if provenance:
+        config = replace(config, provenance={**config.provenance, **provenance})
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise TarganError(f"no {WEIGHTS_FILE} in the weights folder", folder)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise TarganError(f"not a valid safetensors file ({str(error).splitlines()[0][:160]})", path) from None
+    generator = Generator(config.model)
+    check_state_dict(tensors, generator.state_dict(), path)
+    generator.load_state_dict({name: tensor.float() for name, tensor in tensors.items()}, strict=True)
+    return Weights(generator.to(device).eval().requires_grad_(False), config, folder)
+
+
+def load_generator(source: str | Path | None = None, revision: str | None = None,
+                   device: str | torch.device = "cpu") -> Generator:
+    """The EMA generator of a weights folder or Hub repo, in eval mode: ``G(x, target)``.
+
+    ``x`` is (N, 1, H, W) in [-1, 1]; ``target`` holds modality indices in the order of the
+    weights' ``config.json`` (``load_weights`` returns that config too).
+    """
+    return load_weights(source, revision, device).generator

@@ -1,0 +1,13 @@
+"""Test-wide settings: wide, plain console output; one thread per test process; no network."""
+
+import os
+
+os.environ.setdefault("COLUMNS", "240")
+os.environ["NO_COLOR"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never download anything
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("TARGAN_WEIGHTS", None)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

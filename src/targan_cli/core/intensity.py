@@ -1,0 +1,128 @@
+"""Stored intensities <-> the model's [-1, 1], and the body mask, on canonical slices (Z, H, W).
+
+CT maps through a fixed HU window. MR (``scaling="volume"``) divides by a robust per-volume
+maximum, so that an output can be mapped back to real intensities with ``reference_high``, the
+median of the training volumes' maxima. ``scaling="official_slice"`` reproduces the official
+TarGAN per-slice min-max for converted checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import numpy as np
+from scipy import ndimage
+
+from targan_cli.config import IntensitySettings
+from targan_cli.errors import TarganError
+
+ArrayT = TypeVar("ArrayT")
+
+# Foreground threshold in [-1, 1]: 5 % of the intensity range above the background.
+BODY_THRESHOLD = -0.9
+# Connected regions at least this fraction of a slice's largest one are body (arms, legs);
+# smaller ones are noise speckle.
+BODY_MIN_FRACTION = 0.1
+# The provisional scale that finds MR body voxels: a high percentile of all voxels, robust to a
+# few hot voxels.
+_PROVISIONAL_PERCENTILE = 99.9
+
+
+def to_unit(x: ArrayT) -> ArrayT:
+    """[-1, 1] -> [0, 1] (works on numpy arrays and torch tensors)."""
+    return (x + 1.0) / 2.0  # type: ignore[operator]
+
+
+def from_unit(x: ArrayT) -> ArrayT:
+    """[0, 1] -> [-1, 1] (works on numpy arrays and torch tensors)."""
+    return x * 2.0 - 1.0  # type: ignore[operator]
+
+
+def normalize(slices: np.ndarray, settings: IntensitySettings) -> np.ndarray:
+    """Stored values (Z, H, W) -> float32 in [-1, 1] for the model.
+
+    Pass the whole volume: MR ``scaling="volume"`` takes its scale from all the slices given.
+    """
+    values = np.asarray(slices, dtype=np.float32)
+    if settings.kind == "ct":
+        low, high = settings.window
+        unit = (np.clip(values, low, high) - low) / (high - low)
+    elif settings.scaling == "volume":
+        unit = np.clip(values / robust_high(values, settings), 0.0, 1.0)
+    else:
+        unit = _official_slice_scaling(values, settings.noise_floor)
+    return from_unit(unit).astype(np.float32)
+
+
+def denormalize(values: np.ndarray, settings: IntensitySettings) -> np.ndarray:
+    """Model values in [-1, 1] (clipped) -> float32 stored units: HU for CT, [0, reference_high] for MR."""
+    unit = to_unit(np.clip(np.asarray(values, dtype=np.float32), -1.0, 1.0))
+    if settings.kind == "ct":
+        low, high = settings.window
+        return (unit * (high - low) + low).astype(np.float32)
+    if settings.reference_high is None:
+        raise TarganError("these MR intensity settings have no reference_high, so outputs cannot be mapped "
+                          "back to MR intensities; the weights must be trained or converted with one")
+    return (unit * settings.reference_high).astype(np.float32)
+
+
+def robust_high(slices: np.ndarray, settings: IntensitySettings) -> float:
+    """The per-volume MR scale: the ``settings.percentile`` of the body voxels."""
+    values = np.asarray(slices, dtype=np.float32)
+    if values.size == 0:
+        raise TarganError("the MR volume is empty")
+    low, high = float(values.min()), float(values.max())
+    if low == high:
+        raise TarganError(f"the MR volume is blank: every voxel equals {low:g}, so it has no intensity scale")
+    provisional = float(np.percentile(values, _PROVISIONAL_PERCENTILE))
+    if not provisional > 0:
+        raise TarganError(f"the MR volume has no positive intensities ({_PROVISIONAL_PERCENTILE} "
+                          f"percentile {provisional:g}, maximum {high:g})")
+    body = body_mask(from_unit(np.clip(values / provisional, 0.0, 1.0)))
+    if not body.any():
+        raise TarganError(f"the MR volume has no body voxels above {to_unit(BODY_THRESHOLD):.0%} of "
+                          f"its {_PROVISIONAL_PERCENTILE} percentile {provisional:g}")
+    scale = float(np.percentile(values[body], settings.percentile))
+    if not scale > 0:
+        raise TarganError(f"the MR volume's robust maximum is {scale:g}, not positive")
+    return scale
+
+
+def fit_reference_high(highs: Sequence[float]) -> float:
+    """The training set's reference MR scale: the median of the volumes' robust maxima."""
+    values = np.asarray(list(highs), dtype=np.float64)
+    if values.size == 0:
+        raise TarganError("no MR volumes to fit the reference intensity on")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise TarganError(f"MR robust maxima must be positive numbers, got {values.tolist()}")
+    return float(np.median(values))
+
+
+def body_mask(normalized: np.ndarray, threshold: float = BODY_THRESHOLD,
+              min_fraction: float = BODY_MIN_FRACTION) -> np.ndarray:
+    """The patient's foreground (Z, H, W) bool: threshold, drop speckle, fill holes, per slice.
+
+    ``normalized`` is in [-1, 1]. In each slice the connected regions above ``threshold`` that
+    are at least ``min_fraction`` of the largest one are kept, then enclosed holes (gas, lungs)
+    are filled.
+    """
+    if normalized.ndim != 3:
+        raise ValueError(f"body_mask needs (Z, H, W) slices, got shape {normalized.shape}")
+    mask = np.zeros(normalized.shape, dtype=bool)
+    for index, plane in enumerate(np.asarray(normalized) > threshold):
+        labels, count = ndimage.label(plane)
+        if count == 0:
+            continue
+        sizes = np.bincount(labels.ravel())[1:]  # (count,) pixels per region
+        keep = np.flatnonzero(sizes >= min_fraction * sizes.max()) + 1
+        mask[index] = ndimage.binary_fill_holes(np.isin(labels, keep))
+    return mask
+
+
+def _official_slice_scaling(values: np.ndarray, noise_floor: float) -> np.ndarray:
+    """Official TarGAN MR preprocessing: below ``noise_floor`` -> 0, then per-slice min-max to [0, 1]."""
+    values = np.where(values < noise_floor, 0.0, values).astype(np.float32)
+    low = values.min(axis=(1, 2), keepdims=True)
+    span = values.max(axis=(1, 2), keepdims=True) - low
+    return np.divide(values - low, span, out=np.zeros_like(values), where=span > 0)

@@ -1,0 +1,477 @@
+"""Volumes with their geometry: NIfTI and DICOM-series reading, NIfTI writing, canonical slicing.
+
+A ``Volume`` keeps the file's own voxel order and stored units together with the affine that
+maps voxel indices to RAS+ world millimetres (the nibabel convention). ``to_slices`` turns any
+voxel order into the one orientation the model sees, ``from_slices`` turns model output back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from pydicom.errors import InvalidDicomError
+
+from targan_cli.errors import TarganError
+from targan_cli.io.atomic import atomic_output
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+DICOM_SUFFIX = ".dcm"
+# Canonical slices (Z, H, W): slices inferior -> superior, rows anterior -> posterior, columns
+# patient right -> left: the DICOM display convention for axial images.
+CANONICAL_AXCODES = ("S", "P", "L")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Deflate cannot compress better than about 1032:1, so a .nii.gz smaller than this fraction of
+# its declared data cannot hold it.
+_MAX_DEFLATE_RATIO = 1032
+_INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A 3D image in the file's own voxel order and stored units, with its geometry.
+
+    ``array`` holds HU for CT and raw values for MR; ``affine`` (4, 4) maps voxel indices to RAS+
+    world mm; ``header`` is the source NIfTI header (qform/sform codes, units), kept for writing.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header | nib.Nifti2Header | None = None
+    modality: str | None = None  # "CT" or "MR" from the DICOM Modality tag; None when unknown
+    source: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise ValueError(f"a volume array must be 3D, got shape {self.array.shape}")
+        affine = np.array(self.affine, dtype=np.float64)
+        if affine.shape != (4, 4):
+            raise ValueError(f"an affine must be (4, 4), got {affine.shape}")
+        object.__setattr__(self, "affine", affine)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along each array axis."""
+        sizes = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        return tuple(float(s) for s in sizes)  # type: ignore[return-value]
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """The same geometry, header and modality around a new array of the same shape."""
+        if array.shape != self.array.shape:
+            raise ValueError(f"new array shape {array.shape} differs from the volume's {self.array.shape}")
+        return Volume(array, self.affine.copy(), self.header, self.modality, self.source)
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def _nifti_suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((suffix for suffix in NIFTI_SUFFIXES if name.endswith(suffix)), None)
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A .dcm file, or a file without a suffix that starts like DICOM (scanner exports)."""
+    if path.name.startswith(".") or not path.is_file():
+        return False
+    if path.suffix.lower() == DICOM_SUFFIX:
+        return True
+    return path.suffix == "" and _has_dicom_magic(path)
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if _is_dicom_file(p))
+
+
+def is_volume_path(path: str | Path) -> bool:
+    """True for a .nii / .nii.gz file or a folder that directly holds DICOM files."""
+    path = Path(path)
+    if path.is_dir():
+        return bool(_dicom_files(path))
+    return path.is_file() and _nifti_suffix(path) is not None
+
+
+def case_id(path: str | Path) -> str:
+    """A case's name: the file name without .nii / .nii.gz, or a DICOM folder's name."""
+    path = Path(path)
+    suffix = _nifti_suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.stem if path.is_file() else path.name
+
+
+def list_volumes(folder: str | Path) -> list[Path]:
+    """The NIfTI files directly in a folder, sorted by name (hidden files skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TarganError("not a folder" if folder.exists() else "folder not found", folder)
+    files = sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and _nifti_suffix(p) is not None
+    )
+    seen: dict[str, Path] = {}
+    for file in files:
+        case = case_id(file)
+        if case in seen:
+            raise TarganError(
+                f"case {case!r} has two files, {seen[case].name} and {file.name}; keep one", folder)
+        seen[case] = file
+    return files
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_volume(path: str | Path) -> Volume:
+    """Read a .nii / .nii.gz file, or a folder holding one DICOM series."""
+    path = Path(path)
+    if not path.exists():
+        raise TarganError("not found", path)
+    if path.is_dir():
+        files = _dicom_files(path)
+        if not files:
+            series_folders = sorted(p.name for p in path.iterdir() if p.is_dir() and _dicom_files(p))
+            if series_folders:
+                raise TarganError(
+                    f"no DICOM files directly in this folder; its subfolders {', '.join(series_folders)} "
+                    "hold DICOM series: pass one of them", path)
+            raise TarganError("no DICOM (.dcm) files in this folder", path)
+        return read_dicom_series(files)[0]
+    if _nifti_suffix(path) is not None:
+        return _read_nifti(path)
+    if path.suffix.lower() == DICOM_SUFFIX or _has_dicom_magic(path):
+        raise TarganError("is a single DICOM file; pass the folder that holds the whole series", path)
+    raise TarganError("not a volume: expected a .nii / .nii.gz file or a folder of DICOM files", path)
+
+
+def _read_nifti(path: Path) -> Volume:
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise TarganError(f"cannot read: {error.strerror or error}", path) from None
+    if size == 0:
+        raise TarganError("empty file (0 bytes)", path)
+    try:  # nibabel, gzip and zlib raise many exception types for a damaged header
+        image = nib.load(path)
+    except Exception as error:
+        raise TarganError(f"not a readable NIfTI file ({_reason(error)})", path) from None
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise TarganError(f"not a NIfTI image (nibabel reads it as {type(image).__name__})", path)
+    header = image.header
+    shape = tuple(int(n) for n in header.get_data_shape())
+    _check_declared_size(path, header, shape, size)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) > 3:
+        raise TarganError(
+            f"holds {int(np.prod(shape[3:]))} volumes (shape {shape}); pass a single 3D volume", path)
+    if len(shape) < 3:
+        raise TarganError(f"is {len(shape)}D (shape {shape}); a 3D volume is needed", path)
+    try:  # a truncated or corrupt gzip stream fails only here
+        array = np.asanyarray(image.dataobj)
+    except Exception as error:
+        raise TarganError(
+            f"cannot read the voxel data, the file is damaged or truncated ({_reason(error)})", path
+        ) from None
+    array = np.asarray(array).reshape(shape)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise TarganError(
+            f"voxel type {array.dtype} is not supported; a scalar integer or float image is needed", path)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise TarganError(f"{bad} voxel(s) are NaN or infinite", path)
+    affine = image.affine
+    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise TarganError(f"has no usable orientation (affine {np.round(affine, 3).tolist()})", path)
+    return Volume(array, affine, header.copy(), None, path)
+
+
+def _check_declared_size(path: Path, header: nib.Nifti1Header, shape: tuple[int, ...], size: int) -> None:
+    """Compare the dims the header declares with what the file can hold, before loading data."""
+    if not shape or any(n < 1 for n in shape):
+        raise TarganError(f"declares an empty image (dims {shape})", path)
+    declared = int(np.prod(shape, dtype=object)) * header.get_data_dtype().itemsize
+    offset = int(header.get_data_offset())
+    if _nifti_suffix(path) == ".nii":
+        if offset + declared > size:
+            raise TarganError(
+                f"declares {shape} voxels ({offset + declared} bytes) but the file has only {size} bytes: "
+                "it is truncated or its header is wrong", path)
+    elif offset + declared > size * _MAX_DEFLATE_RATIO:
+        raise TarganError(
+            f"declares {shape} voxels ({offset + declared} bytes), more than a {size}-byte "
+            "compressed file can hold: its header is wrong", path)
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def read_dicom_series(files: Sequence[Path]) -> tuple[Volume, list[Path]]:
+    """Read the files of one DICOM series into a volume; also return the files in slice order.
+
+    Slices are ordered by their position along the scan normal (never by file name) and
+    ``RescaleSlope`` / ``RescaleIntercept`` are applied (HU for CT). The array's voxel order is
+    (column, row, slice) of the DICOM pixel data, and the affine converts DICOM LPS to RAS+.
+    """
+    files = [Path(f) for f in files]
+    if not files:
+        raise TarganError("no DICOM files given")
+    folder = files[0].parent
+    slices = [_read_dicom_slice(file) for file in files]
+    first = slices[0]
+    for other in slices[1:]:
+        _check_same_series(first, other, folder)
+    normal = np.cross(first.orientation[:3], first.orientation[3:])
+    positions = np.array([s.position @ normal for s in slices])
+    order = np.argsort(positions, kind="stable")
+    slices = [slices[i] for i in order]
+    positions = positions[order]
+    step_vector = _slice_step(slices, positions, normal, folder)
+
+    first = slices[0]  # now the first slice along the normal: the volume's origin
+    row_spacing, column_spacing = first.pixel_spacing
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = first.orientation[:3] * column_spacing  # along a row: the column index
+    affine_lps[:3, 1] = first.orientation[3:] * row_spacing  # down a column: the row index
+    affine_lps[:3, 2] = step_vector
+    affine_lps[:3, 3] = first.position
+    array = _stack_pixels(slices)
+    modality = first.modality if first.modality in ("CT", "MR") else None
+    volume = Volume(array, _LPS_TO_RAS @ affine_lps, None, modality, folder)
+    return volume, [s.file for s in slices]
+
+
+@dataclass(frozen=True)
+class _DicomSlice:
+    file: Path
+    dataset: pydicom.Dataset
+    orientation: np.ndarray  # (6,) row direction cosines, then column direction cosines (LPS)
+    position: np.ndarray  # (3,) ImagePositionPatient (LPS mm)
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) mm
+    size: tuple[int, int]  # (Rows, Columns)
+    modality: str  # the Modality tag as written, "" when absent
+    slope: float
+    intercept: float
+
+
+def _read_dicom_slice(file: Path) -> _DicomSlice:
+    try:
+        dataset = pydicom.dcmread(file)
+    except InvalidDicomError:
+        raise TarganError("not a DICOM file", file) from None
+    except Exception as error:  # pydicom raises many types for a damaged file
+        raise TarganError(f"cannot read this DICOM file ({_reason(error)})", file) from None
+    missing = [tag for tag in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",
+                               "Rows", "Columns", "PixelData") if tag not in dataset]
+    if missing:
+        raise TarganError(f"lacks {', '.join(missing)}, needed to place the slice in space", file)
+    if int(getattr(dataset, "NumberOfFrames", 1) or 1) > 1:
+        raise TarganError("is a multi-frame DICOM file; only one-slice-per-file series are supported", file)
+    if int(getattr(dataset, "SamplesPerPixel", 1)) != 1:
+        raise TarganError("is a colour image; a grey-scale CT or MR series is needed", file)
+    try:
+        orientation = np.array([float(v) for v in dataset.ImageOrientationPatient])
+        position = np.array([float(v) for v in dataset.ImagePositionPatient])
+        pixel_spacing = tuple(float(v) for v in dataset.PixelSpacing)
+        slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
+    except (TypeError, ValueError) as error:
+        raise TarganError(f"has a malformed geometry or rescale tag ({_reason(error)})", file) from None
+    if orientation.shape != (6,) or position.shape != (3,) or len(pixel_spacing) != 2:
+        raise TarganError("has malformed ImageOrientationPatient / ImagePositionPatient / PixelSpacing", file)
+    if not min(pixel_spacing) > 0:
+        raise TarganError(f"has an invalid PixelSpacing {list(pixel_spacing)}", file)
+    row_direction, column_direction = orientation[:3], orientation[3:]
+    if not (np.allclose(np.linalg.norm(row_direction), 1, atol=1e-3)
+            and np.allclose(np.linalg.norm(column_direction), 1, atol=1e-3)
+            and abs(row_direction @ column_direction) < 1e-3):
+        raise TarganError(f"has an invalid ImageOrientationPatient {orientation.tolist()}: "
+                          "two orthogonal unit vectors are needed", file)
+    modality = str(getattr(dataset, "Modality", "")).strip().upper()
+    return _DicomSlice(
+        file=file, dataset=dataset, orientation=orientation, position=position,
+        pixel_spacing=pixel_spacing,  # type: ignore[arg-type]
+        size=(int(dataset.Rows), int(dataset.Columns)),
+        modality=modality, slope=slope, intercept=intercept,
+    )
+
+
+def _check_same_series(first: _DicomSlice, other: _DicomSlice, folder: Path) -> None:
+    def differ(what: str, a: object, b: object) -> TarganError:
+        return TarganError(
+            f"holds several series: {first.file.name} and {other.file.name} differ in {what} "
+            f"({a} vs {b}); put each series in its own folder", folder)
+
+    if not np.allclose(first.orientation, other.orientation, atol=1e-4):
+        raise differ("orientation", first.orientation.round(4).tolist(), other.orientation.round(4).tolist())
+    if first.size != other.size:
+        raise differ("image size", first.size, other.size)
+    if not np.allclose(first.pixel_spacing, other.pixel_spacing, rtol=1e-4):
+        raise differ("pixel spacing", first.pixel_spacing, other.pixel_spacing)
+    if first.modality != other.modality:
+        raise differ("Modality", first.modality or "none", other.modality or "none")
+
+
+def _slice_step(slices: list[_DicomSlice], positions: np.ndarray, normal: np.ndarray,
+                folder: Path) -> np.ndarray:
+    """The (3,) LPS vector from one slice to the next; duplicate or missing slices are errors."""
+    if len(slices) == 1:
+        thickness = float(getattr(slices[0].dataset, "SpacingBetweenSlices", 0) or
+                          getattr(slices[0].dataset, "SliceThickness", 0) or 1.0)
+        return normal * thickness
+    gaps = np.diff(positions)
+    scale = max(abs(positions[-1] - positions[0]), 1.0)
+    for index, gap in enumerate(gaps):
+        if gap < 1e-4 * scale:
+            raise TarganError(
+                f"holds several series or duplicate slices: {slices[index].file.name} and "
+                f"{slices[index + 1].file.name} share the slice position {positions[index]:.3f} mm; "
+                "put each series in its own folder", folder)
+    step = float(np.median(gaps))
+    # 10 % tolerance: positions are stored as decimal strings of limited precision.
+    for index, gap in enumerate(gaps):
+        if abs(gap - step) > 0.1 * step:
+            raise TarganError(
+                f"uneven slice spacing (missing slices, or a second series): a gap of {gap:.3f} mm between "
+                f"{slices[index].file.name} and {slices[index + 1].file.name} (positions "
+                f"{positions[index]:.3f} and {positions[index + 1]:.3f} mm; the usual step is {step:.3f} mm)",
+                folder)
+    # The mean step vector keeps a gantry tilt (positions not along the normal) as a shear.
+    return (slices[-1].position - slices[0].position) / (len(slices) - 1)
+
+
+def _stack_pixels(slices: list[_DicomSlice]) -> np.ndarray:
+    """Pixel data in stored units, (Columns, Rows, Z): int16 when exact, float32 otherwise."""
+    rows, columns = slices[0].size
+    array = np.empty((columns, rows, len(slices)), dtype=np.float32)
+    for index, item in enumerate(slices):
+        try:
+            pixels = item.dataset.pixel_array
+        except Exception as error:  # a missing decoder for a compressed transfer syntax, damaged data
+            raise TarganError(f"cannot decode the pixel data ({_reason(error)})", item.file) from None
+        if pixels.shape != (rows, columns):
+            raise TarganError(f"pixel data of shape {pixels.shape} does not match Rows x Columns", item.file)
+        array[:, :, index] = (pixels.astype(np.float64) * item.slope + item.intercept).T
+    integral = all(float(s.slope).is_integer() and float(s.intercept).is_integer() for s in slices)
+    if integral and _INT16_RANGE[0] <= array.min() and array.max() <= _INT16_RANGE[1]:
+        return array.astype(np.int16)
+    return array
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_volume(path: str | Path, volume: Volume, *, label: bool = False, overwrite: bool = False) -> Path:
+    """Write a volume as NIfTI with its affine and the source's qform/sform codes.
+
+    The on-disk type is uint8 for labels, int16 when every value is an integer that fits
+    (e.g. rounded HU), float32 otherwise. Nothing is rounded here.
+    """
+    path = Path(path)
+    if _nifti_suffix(path) is None:
+        raise TarganError("can only write NIfTI: the output name must end in .nii or .nii.gz", path)
+    array = _output_array(volume.array, label)
+    if volume.header is not None:
+        header = nib.Nifti1Header.from_header(volume.header)
+        qform_code, sform_code = int(volume.header["qform_code"]), int(volume.header["sform_code"])
+    else:
+        header = nib.Nifti1Header()
+        header.set_xyzt_units("mm", "sec")
+        qform_code = sform_code = 0
+    if qform_code == 0 and sform_code == 0:
+        qform_code = sform_code = 1  # scanner coordinates: the affine is the one to trust
+    image = nib.Nifti1Image(array, volume.affine, header)
+    image.header.set_qform(volume.affine, code=qform_code)
+    image.header.set_sform(volume.affine, code=sform_code)
+    image.header.set_data_dtype(array.dtype)
+    image.header.set_slope_inter(np.nan, np.nan)
+    image.header["cal_min"] = image.header["cal_max"] = 0
+    with atomic_output(path, overwrite=overwrite) as temporary:
+        nib.save(image, temporary)
+    return path
+
+
+def _output_array(array: np.ndarray, label: bool) -> np.ndarray:
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"cannot write voxel type {array.dtype}")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        raise ValueError("cannot write a volume with NaN or infinite values")
+    integral = np.issubdtype(array.dtype, np.integer) or bool(np.all(np.mod(array, 1) == 0))
+    low, high = (array.min(), array.max()) if array.size else (0, 0)
+    if label:
+        if not integral or low < 0 or high > 255:
+            raise ValueError(f"a label volume needs integers in [0, 255], got values in [{low}, {high}]")
+        return array.astype(np.uint8)
+    if integral and _INT16_RANGE[0] <= low and high <= _INT16_RANGE[1]:
+        return array.astype(np.int16)
+    return array.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- orientation
+
+
+@dataclass(frozen=True)
+class SliceFrame:
+    """How a volume's voxel order maps to canonical slices, to invert ``to_slices`` exactly."""
+
+    shape: tuple[int, int, int]  # the volume's array shape (file voxel order)
+    orientation: tuple[tuple[float, float], ...]  # nibabel ornt of the array axes: (world axis, flip)
+
+    @property
+    def _to_canonical(self) -> np.ndarray:
+        return ornt_transform(np.array(self.orientation), axcodes2ornt(CANONICAL_AXCODES))
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        """The (Z, H, W) shape of the canonical slices."""
+        transform = self._to_canonical
+        shape = [0, 0, 0]
+        for axis, (target, _) in enumerate(transform):
+            shape[int(target)] = self.shape[axis]
+        return tuple(shape)  # type: ignore[return-value]
+
+
+def to_slices(volume: Volume) -> tuple[np.ndarray, SliceFrame]:
+    """The volume as canonical axial slices (Z, H, W) float32, and the frame to invert it.
+
+    Z runs inferior -> superior, H anterior -> posterior, W patient right -> left (DICOM display).
+    Oblique volumes use their nearest axes; nothing is resampled, so the mapping is exact.
+    """
+    orientation = io_orientation(volume.affine)
+    if np.isnan(orientation).any():
+        raise TarganError(f"the affine has no usable orientation ({np.round(volume.affine, 3).tolist()})",
+                          volume.source)
+    frame = SliceFrame(volume.shape, tuple((float(a), float(f)) for a, f in orientation))
+    slices = apply_orientation(volume.array, frame._to_canonical)
+    return np.ascontiguousarray(slices, dtype=np.float32), frame
+
+
+def from_slices(slices: np.ndarray, frame: SliceFrame) -> np.ndarray:
+    """Canonical slices (Z, H, W) back in the volume's voxel order and shape (dtype kept)."""
+    if slices.shape != frame.canonical_shape:
+        raise ValueError(f"slices of shape {slices.shape} do not fit the frame's {frame.canonical_shape}")
+    back = ornt_transform(axcodes2ornt(CANONICAL_AXCODES), np.array(frame.orientation))
+    return np.ascontiguousarray(apply_orientation(slices, back))

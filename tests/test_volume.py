@@ -1,0 +1,481 @@
+"""Volumes: NIfTI and DICOM reading with geometry, NIfTI writing, canonical slices."""
+
+from __future__ import annotations
+
+import gzip
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from volume_factories import (
+    anatomy,
+    canonical_affine,
+    oriented,
+    rotation,
+    write_dicom_series,
+    write_nifti,
+)
+
+from targan_cli.errors import TarganError
+from targan_cli.io.volume import (
+    Volume,
+    case_id,
+    from_slices,
+    is_volume_path,
+    list_volumes,
+    read_dicom_series,
+    read_volume,
+    to_slices,
+    write_volume,
+)
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _shear_affine() -> np.ndarray:
+    affine = rotation(20, 2) @ rotation(-7, 0) @ np.diag([0.9, 1.3, 3.0, 1.0])
+    affine[0, 1] += 0.05  # a shear: only the sform can hold it
+    affine[:3, 3] = (-12.25, 33.5, 101.0)
+    return affine.astype(np.float32).astype(np.float64)  # what a NIfTI header can store
+
+
+# ----------------------------------------------------------------------------- NIfTI round trips
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_round_trip_keeps_array_affine_and_codes(tmp_path: Path, suffix: str) -> None:
+    array = anatomy((4, 6, 5))
+    affine = _shear_affine()
+    source = write_nifti(tmp_path / f"in{suffix}", array, affine, qform_code=1, sform_code=3)
+    volume = read_volume(source)
+    assert volume.shape == (4, 6, 5) and volume.array.dtype == np.int16
+    assert np.array_equal(volume.affine, affine)
+    assert volume.modality is None and volume.source == source
+
+    out = write_volume(tmp_path / f"out{suffix}", volume)
+    again = read_volume(out)
+    assert np.array_equal(again.array, array) and again.array.dtype == np.int16
+    assert np.array_equal(again.affine, affine)  # exact, not approximately
+    assert int(again.header["qform_code"]) == 1 and int(again.header["sform_code"]) == 3
+
+
+def test_qform_only_nifti_round_trips_exactly(tmp_path: Path) -> None:
+    affine = (rotation(30, 1) @ np.diag([1.5, 0.75, 2.0, 1.0]))
+    affine[:3, 3] = (1.0, -2.0, 3.5)
+    source = write_nifti(tmp_path / "q.nii.gz", anatomy((3, 4, 5)), affine, qform_code=1, sform_code=0)
+    volume = read_volume(source)
+    again = read_volume(write_volume(tmp_path / "out.nii.gz", volume))
+    assert np.array_equal(again.affine, volume.affine)
+    assert int(again.header["qform_code"]) == 1 and int(again.header["sform_code"]) == 0
+
+
+def test_scaled_nifti_reads_in_stored_units(tmp_path: Path) -> None:
+    image = nib.Nifti1Image(np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.eye(4))
+    image.header.set_slope_inter(2.0, -1024.0)
+    nib.save(image, tmp_path / "scaled.nii")
+    volume = read_volume(tmp_path / "scaled.nii")
+    assert np.array_equal(volume.array, np.arange(24).reshape(2, 3, 4) * 2.0 - 1024)
+
+
+@pytest.mark.parametrize(
+    ("values", "label", "dtype"),
+    [
+        (np.array([-1024.0, 0.0, 3071.0]), False, np.int16),  # rounded HU stored as float
+        (np.array([0.5, 1.25, 2.0]), False, np.float32),
+        (np.array([0.0, 40000.0, 1.0]), False, np.float32),  # integral but beyond int16
+        (np.array([0, 1, 1], dtype=np.int64), True, np.uint8),
+        (np.array([False, True, True]), True, np.uint8),
+    ],
+)
+def test_write_chooses_the_on_disk_type(tmp_path: Path, values: np.ndarray, label: bool, dtype: type) -> None:
+    array = np.resize(values, (3, 2, 2))
+    volume = Volume(array, np.eye(4))
+    out = write_volume(tmp_path / "v.nii.gz", volume, label=label)
+    image = nib.load(out)
+    assert image.get_data_dtype() == np.dtype(dtype)
+    assert np.array_equal(np.asanyarray(image.dataobj), array.astype(np.float64))
+
+
+def test_write_without_header_uses_scanner_codes_and_keeps_the_affine(tmp_path: Path) -> None:
+    affine = canonical_affine((3, 4, 5)) @ rotation(10, 0)
+    out = write_volume(tmp_path / "v.nii", Volume(anatomy((3, 4, 5)), affine))
+    header = nib.load(out).header
+    assert int(header["qform_code"]) == 1 and int(header["sform_code"]) == 1
+    assert np.allclose(read_volume(out).affine, affine, atol=1e-5)
+    assert header.get_xyzt_units()[0] == "mm"
+
+
+def test_write_refuses_existing_file_and_non_nifti_names(tmp_path: Path) -> None:
+    volume = Volume(anatomy((2, 3, 4)), np.eye(4))
+    out = write_volume(tmp_path / "v.nii.gz", volume)
+    with pytest.raises(TarganError, match="already exists"):
+        write_volume(out, volume)
+    write_volume(out, volume.with_array(volume.array + 1), overwrite=True)
+    assert np.array_equal(read_volume(out).array, volume.array + 1)
+    with pytest.raises(TarganError, match=r"\.nii or \.nii\.gz"):
+        write_volume(tmp_path / "v.mha", volume)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.nii.gz"]  # no temporary left behind
+
+
+def test_write_refuses_values_a_label_cannot_hold(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"\[0, 255\]"):
+        write_volume(tmp_path / "l.nii.gz", Volume(np.full((2, 2, 2), 300), np.eye(4)), label=True)
+    with pytest.raises(ValueError, match="NaN"):
+        write_volume(tmp_path / "n.nii.gz", Volume(np.full((2, 2, 2), np.nan), np.eye(4)))
+
+
+_AFFINE_ENTRY = st.floats(-3.0, 3.0, allow_nan=False, width=32)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.tuples(*[st.integers(1, 6)] * 3),
+    matrix=st.lists(_AFFINE_ENTRY, min_size=12, max_size=12),
+    dtype=st.sampled_from([np.int16, np.uint8, np.float32, np.float64]),
+    suffix=st.sampled_from([".nii", ".nii.gz"]),
+    seed=st.integers(0, 2**16),
+)
+def test_write_read_round_trip_of_random_volumes(shape, matrix, dtype, suffix, seed) -> None:
+    affine = np.eye(4)
+    affine[:3, :] = np.reshape(matrix, (3, 4))
+    affine[:3, :3] += np.diag([4.0, 4.0, 4.0])  # keep it invertible
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(dtype, np.integer):
+        array = rng.integers(0, 200, size=shape).astype(dtype)
+    else:
+        array = rng.normal(size=shape).astype(np.float32).astype(dtype)  # float32-representable
+    with tempfile.TemporaryDirectory() as folder:
+        source = write_nifti(Path(folder) / f"in{suffix}", array, affine)
+        volume = read_volume(source)
+        again = read_volume(write_volume(Path(folder) / f"out{suffix}", volume))
+    assert np.array_equal(again.affine, volume.affine)
+    assert np.array_equal(again.array, array)
+    assert again.shape == shape
+
+
+# ----------------------------------------------------------------------------- NIfTI errors
+
+
+def test_4d_with_one_volume_is_squeezed_and_more_are_refused(tmp_path: Path) -> None:
+    one = write_nifti(tmp_path / "one.nii.gz", np.ones((3, 4, 5, 1), np.int16), np.eye(4))
+    assert read_volume(one).shape == (3, 4, 5)
+    many = write_nifti(tmp_path / "many.nii.gz", np.ones((3, 4, 5, 2), np.int16), np.eye(4))
+    with pytest.raises(TarganError, match="holds 2 volumes") as error:
+        read_volume(many)
+    assert error.value.path == many
+
+
+def test_2d_image_is_refused(tmp_path: Path) -> None:
+    flat = write_nifti(tmp_path / "flat.nii", np.ones((4, 5), np.int16), np.eye(4))
+    with pytest.raises(TarganError, match="is 2D"):
+        read_volume(flat)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.nii.gz", b"", "empty file"),
+        ("text.nii.gz", b"patient notes, not an image\n" * 20, "not a readable NIfTI"),
+        ("text.nii", b"patient notes, not an image\n" * 20, "not a readable NIfTI"),
+    ],
+)
+def test_files_that_are_not_nifti_are_refused(tmp_path: Path, name: str, content: bytes,
+                                              message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(TarganError, match=message) as error:
+        read_volume(path)
+    assert error.value.path == path
+
+
+def test_truncated_gzip_is_refused(tmp_path: Path) -> None:
+    full = write_nifti(tmp_path / "full.nii.gz", anatomy((8, 16, 16), seed=3), np.eye(4))
+    data = full.read_bytes()
+    truncated = tmp_path / "cut.nii.gz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TarganError, match="damaged or truncated"):
+        read_volume(truncated)
+
+
+def test_corrupt_gzip_stream_is_refused(tmp_path: Path) -> None:
+    good = write_nifti(tmp_path / "ok.nii.gz", anatomy((8, 16, 16), seed=4), np.eye(4))
+    data = bytearray(good.read_bytes())
+    data[200:260] = bytes(60)  # zero a stretch inside the deflate stream
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(TarganError):
+        read_volume(bad)
+
+
+def test_truncated_uncompressed_file_is_refused(tmp_path: Path) -> None:
+    data = write_nifti(tmp_path / "ok.nii", anatomy((4, 6, 6)), np.eye(4)).read_bytes()
+    (tmp_path / "cut.nii").write_bytes(data[:-10])
+    with pytest.raises(TarganError, match="truncated"):
+        read_volume(tmp_path / "cut.nii")
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_enormous_declared_dims_in_a_tiny_file_are_refused_before_loading(tmp_path: Path,
+                                                                          suffix: str) -> None:
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_data_shape((4000, 4000, 4000))  # 256 GB of voxels
+    path = tmp_path / f"huge{suffix}"
+    raw = header.binaryblock + b"\0" * 4 + b"\0" * 64
+    path.write_bytes(gzip.compress(raw) if suffix == ".nii.gz" else raw)
+    with pytest.raises(TarganError, match=r"declares \(4000, 4000, 4000\) voxels"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_voxels_are_refused(tmp_path: Path, bad: float) -> None:
+    array = np.zeros((3, 3, 3), np.float32)
+    array[1, 2, 0] = bad
+    path = write_nifti(tmp_path / "nan.nii.gz", array, np.eye(4))
+    with pytest.raises(TarganError, match="1 voxel"):
+        read_volume(path)
+
+
+def test_missing_path_and_unknown_format_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(TarganError, match="not found"):
+        read_volume(tmp_path / "nothing.nii.gz")
+    other = tmp_path / "scan.mha"
+    other.write_bytes(b"x")
+    with pytest.raises(TarganError, match="not a volume"):
+        read_volume(other)
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def test_list_volumes_case_ids_and_volume_paths(tmp_path: Path) -> None:
+    for name in ("b.nii.gz", "a.nii", ".a.tmp-1.nii.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "dicom").mkdir()
+    (tmp_path / "dicom" / "1.dcm").write_bytes(b"x")
+    files = list_volumes(tmp_path)
+    assert [f.name for f in files] == ["a.nii", "b.nii.gz"]
+    assert [case_id(f) for f in files] == ["a", "b"]
+    assert case_id(tmp_path / "dicom") == "dicom" and case_id("x/patient.1.nii.gz") == "patient.1"
+    assert is_volume_path(tmp_path / "a.nii") and is_volume_path(tmp_path / "dicom")
+    assert not is_volume_path(tmp_path / "notes.txt") and not is_volume_path(tmp_path)
+    (tmp_path / "a.nii.gz").write_bytes(b"x")
+    with pytest.raises(TarganError, match="case 'a' has two files"):
+        list_volumes(tmp_path)
+    with pytest.raises(TarganError, match="folder not found"):
+        list_volumes(tmp_path / "missing")
+
+
+def test_volume_properties_and_with_array() -> None:
+    affine = canonical_affine((2, 3, 4), spacing=(2.5, 0.8, 0.7))
+    volume = Volume(anatomy((2, 3, 4)), affine, modality="CT")
+    assert volume.shape == (2, 3, 4)
+    assert np.allclose(volume.spacing, (2.5, 0.8, 0.7))
+    other = volume.with_array(np.zeros((2, 3, 4), np.float32))
+    assert other.modality == "CT" and np.array_equal(other.affine, affine) and other.array.sum() == 0
+    with pytest.raises(ValueError, match="differs"):
+        volume.with_array(np.zeros((2, 3, 5)))
+    with pytest.raises(ValueError, match="3D"):
+        Volume(np.zeros((2, 3)), np.eye(4))
+
+
+# ----------------------------------------------------------------------------- orientation
+
+
+def test_ras_volume_maps_to_the_display_convention() -> None:
+    # Hand-built, independent of nibabel: a[x, y, z] with x -> patient right, y -> anterior.
+    array = anatomy((6, 5, 4)).astype(np.float32)
+    slices, _ = to_slices(Volume(array, np.diag([0.7, 0.8, 2.5, 1.0])))
+    expected = array[::-1, ::-1, :].transpose(2, 1, 0)  # columns right -> left, rows anterior -> posterior
+    assert np.array_equal(slices, expected)
+
+
+@pytest.mark.parametrize("axcodes", ["SPL", "RAS", "LPS", "ASL", "PIR", "LAI"])
+def test_every_voxel_order_gives_the_same_canonical_slices(axcodes: str) -> None:
+    canonical = anatomy()
+    array, affine = oriented(canonical, axcodes)
+    volume = Volume(array, affine)
+    slices, frame = to_slices(volume)
+    assert slices.dtype == np.float32 and np.array_equal(slices, canonical)
+    assert frame.canonical_shape == canonical.shape
+    back = from_slices(slices, frame)
+    assert back.shape == array.shape and np.array_equal(back, array)
+
+
+@pytest.mark.parametrize(("degrees", "axis"), [(12, 2), (-25, 0), (30, 1)])
+def test_oblique_volumes_use_their_nearest_axes(degrees: float, axis: int) -> None:
+    canonical = anatomy()
+    array, affine = oriented(canonical, "LPS")
+    slices, frame = to_slices(Volume(array, rotation(degrees, axis) @ affine))
+    assert np.array_equal(slices, canonical)
+    assert np.array_equal(from_slices(slices, frame), array)
+
+
+def test_from_slices_refuses_the_wrong_shape() -> None:
+    _, frame = to_slices(Volume(*oriented(anatomy(), "RAS")))
+    with pytest.raises(ValueError, match="do not fit"):
+        from_slices(np.zeros((5, 10, 12), np.float32), frame)
+
+
+def test_degenerate_affine_is_a_targan_error() -> None:
+    with pytest.raises(TarganError, match="no usable orientation"):
+        to_slices(Volume(anatomy(), np.diag([1.0, 0.0, 1.0, 1.0])))
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+def test_dicom_series_reads_hu_in_slice_order_and_matches_the_display(tmp_path: Path) -> None:
+    displayed = anatomy((5, 12, 10), seed=1)  # HU, as a viewer shows each slice
+    stored = ((displayed + 1024) // 2).astype(np.int16)  # HU = 2 * stored - 1024
+    hu = stored * 2 - 1024
+    files = write_dicom_series(tmp_path / "ct", stored, slope=2, intercept=-1024)
+    assert sorted(files) != files  # name order is not slice order
+
+    volume, ordered = read_dicom_series(sorted(files))
+    assert ordered == files
+    assert volume.modality == "CT" and volume.array.dtype == np.int16
+    assert volume.shape == (10, 12, 5)  # (Columns, Rows, slices)
+    slices, frame = to_slices(volume)
+    assert np.array_equal(slices, hu)
+    for file, canonical_slice in zip(ordered, slices):  # the ground truth of the convention
+        dataset = pydicom.dcmread(file)
+        assert np.array_equal(canonical_slice, dataset.pixel_array * 2.0 - 1024)
+    assert np.array_equal(from_slices(slices, frame), volume.array)
+    assert np.allclose(volume.spacing, (0.7, 0.8, 2.5))
+
+    via_folder = read_volume(tmp_path / "ct")
+    assert np.array_equal(via_folder.array, volume.array) and np.array_equal(via_folder.affine, volume.affine)
+
+
+def test_dicom_geometry_matches_the_equivalent_nifti(tmp_path: Path) -> None:
+    stored = ((anatomy((4, 12, 10), seed=2) + 1024) // 2).astype(np.int16)
+    hu = stored * 2 - 1024
+    write_dicom_series(tmp_path / "ct", stored, slope=2, intercept=-1024, origin_lps=(-30.0, -40.0, -50.0))
+    dicom = read_volume(tmp_path / "ct")
+    # The same anatomy as a RAS NIfTI: canonical voxel (0, 0, 0) is at LPS (-30, -40, -50).
+    array, affine = oriented(hu, "RAS", canonical_affine(hu.shape, origin=(30.0, 40.0, -50.0)))
+    nifti = read_volume(write_nifti(tmp_path / "ct.nii.gz", array, affine))
+    assert np.array_equal(to_slices(dicom)[0], to_slices(nifti)[0])
+    ras_of_first_voxel = dicom.affine @ [0, 0, 0, 1]
+    assert np.allclose(ras_of_first_voxel[:3], (30.0, 40.0, -50.0))
+    # Every voxel centre lands at the same world point in both.
+    z, h, w = 3, 7, 2
+    assert np.allclose(dicom.affine @ [w, h, z, 1],
+                       nifti.affine @ [array.shape[0] - 1 - w, array.shape[1] - 1 - h, z, 1], atol=1e-4)
+    written = read_volume(write_volume(tmp_path / "from_dicom.nii.gz", dicom))
+    assert np.array_equal(to_slices(written)[0], hu) and np.allclose(written.affine, dicom.affine, atol=1e-4)
+
+
+def test_oblique_dicom_affine_follows_the_tags(tmp_path: Path) -> None:
+    angle = np.deg2rad(15)
+    tilt = 0.2
+    iop = (np.cos(angle), np.sin(angle), 0.0,
+           -np.sin(angle) * np.cos(tilt), np.cos(angle) * np.cos(tilt), -np.sin(tilt))
+    files = write_dicom_series(tmp_path / "mr", anatomy((4, 6, 5)).clip(0), modality="MR",
+                               orientation=iop, slice_step=3.0, pixel_spacing=(1.5, 1.25))
+    volume, ordered = read_dicom_series(files)
+    assert volume.modality == "MR"
+    for k, file in enumerate(ordered):
+        dataset = pydicom.dcmread(file)
+        orientation = np.array(dataset.ImageOrientationPatient, dtype=float)
+        row_dir, column_dir = orientation[:3], orientation[3:]
+        lps = np.array(dataset.ImagePositionPatient, dtype=float) + 2 * 1.25 * row_dir + 3 * 1.5 * column_dir
+        assert np.allclose(volume.affine @ [2, 3, k, 1], LPS_TO_RAS @ [*lps, 1], atol=1e-4)
+
+
+def test_dicom_without_rescale_keeps_raw_values_and_fractional_slope_gives_float(tmp_path: Path) -> None:
+    raw = np.abs(anatomy((3, 5, 4))).astype(np.int16)
+    write_dicom_series(tmp_path / "plain", raw, modality="MR")
+    plain = read_volume(tmp_path / "plain")
+    assert np.array_equal(to_slices(plain)[0], raw)
+    write_dicom_series(tmp_path / "scaled", raw, slope=0.5, intercept=0.25, modality="OT")
+    scaled = read_volume(tmp_path / "scaled")
+    assert scaled.array.dtype == np.float32 and scaled.modality is None
+    assert np.allclose(to_slices(scaled)[0], raw * 0.5 + 0.25)
+
+
+def test_single_slice_series_uses_the_slice_thickness(tmp_path: Path) -> None:
+    write_dicom_series(tmp_path / "one", anatomy((1, 4, 3)))
+    volume = read_volume(tmp_path / "one")
+    assert volume.shape == (3, 4, 1) and np.isclose(volume.spacing[2], 2.5)
+
+
+def test_single_dicom_file_asks_for_the_folder(tmp_path: Path) -> None:
+    files = write_dicom_series(tmp_path / "ct", anatomy((2, 4, 3)))
+    with pytest.raises(TarganError, match="pass the folder"):
+        read_volume(files[0])
+
+
+def test_folder_without_dicom_files_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(TarganError, match=r"no DICOM \(\.dcm\) files"):
+        read_volume(tmp_path)
+    write_dicom_series(tmp_path / "InPhase", anatomy((2, 4, 3)))
+    write_dicom_series(tmp_path / "OutPhase", anatomy((2, 4, 3)))
+    with pytest.raises(TarganError, match="subfolders InPhase, OutPhase"):
+        read_volume(tmp_path)
+
+
+def test_extensionless_dicom_files_are_found(tmp_path: Path) -> None:
+    for file in write_dicom_series(tmp_path / "ct", anatomy((3, 4, 3))):
+        file.rename(file.with_suffix(""))
+    assert is_volume_path(tmp_path / "ct") and read_volume(tmp_path / "ct").shape == (3, 4, 3)
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        ({"orientation": (0, 1, 0, 0, 0, -1)}, "differ in orientation"),
+        ({"modality": "MR"}, "differ in Modality"),
+        ({"stored": np.zeros((2, 5, 3), np.int16)}, "differ in image size"),
+        ({"origin_lps": (-30.0, -40.0, -50.0)}, "share the slice position"),
+    ],
+)
+def test_several_series_in_one_folder_are_refused(tmp_path: Path, second: dict, message: str) -> None:
+    folder = tmp_path / "mixed"
+    write_dicom_series(folder, anatomy((2, 4, 3)))
+    options = {"stored": anatomy((2, 4, 3)), "origin_lps": (-30.0, -40.0, 0.0), **second}
+    for file in write_dicom_series(tmp_path / "other", **options):
+        file.rename(folder / f"B{file.name}")
+    with pytest.raises(TarganError, match=message) as error:
+        read_volume(folder)
+    assert "series" in str(error.value) and error.value.path == folder
+
+
+def test_missing_slices_are_refused_with_the_gap(tmp_path: Path) -> None:
+    write_dicom_series(tmp_path / "ct", anatomy((6, 4, 3)), skip=[3])
+    with pytest.raises(TarganError, match=r"gap of 5\.000 mm.*usual step is 2\.500 mm"):
+        read_volume(tmp_path / "ct")
+
+
+def test_broken_dicom_files_are_named(tmp_path: Path) -> None:
+    files = write_dicom_series(tmp_path / "ct", anatomy((3, 4, 3)))
+    dataset = pydicom.dcmread(files[1])
+    del dataset.ImagePositionPatient
+    dataset.save_as(files[1], enforce_file_format=True)
+    with pytest.raises(TarganError, match="lacks ImagePositionPatient") as error:
+        read_volume(tmp_path / "ct")
+    assert error.value.path == files[1]
+    files[1].write_bytes(b"not dicom at all")
+    with pytest.raises(TarganError, match="not a DICOM file"):
+        read_volume(tmp_path / "ct")
+    files[1].write_bytes(files[0].read_bytes()[:400])  # cut inside the header
+    with pytest.raises(TarganError) as error:
+        read_volume(tmp_path / "ct")
+    assert error.value.path == files[1]
+
+
+def test_invalid_orientation_tag_is_named(tmp_path: Path) -> None:
+    files = write_dicom_series(tmp_path / "ct", anatomy((2, 4, 3)))
+    dataset = pydicom.dcmread(files[0])
+    dataset.ImageOrientationPatient = [0, 0, 0, 0, 0, 0]
+    dataset.save_as(files[0], enforce_file_format=True)
+    with pytest.raises(TarganError, match="invalid ImageOrientationPatient") as error:
+        read_volume(tmp_path / "ct")
+    assert error.value.path == files[0]

@@ -52,6 +52,7 @@ def atomic_output(path: str | Path, overwrite: bool = False, is_dir: bool = Fals
     temporary = _temporary_name(path, is_dir)
     try:
         yield temporary
+        _public(temporary)
         if is_dir and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(temporary, path)
@@ -61,6 +62,24 @@ def atomic_output(path: str | Path, overwrite: bool = False, is_dir: bool = Fals
     except BaseException:
         _remove(temporary)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public(path: Path) -> None:
+    """Give a finished output the permissions a plain open() would have (mkstemp makes it 0600)."""
+    mask = _umask()
+    if path.is_dir() and not path.is_symlink():
+        for folder, _, files in os.walk(path):
+            os.chmod(folder, 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+    elif path.exists():
+        os.chmod(path, 0o666 & ~mask)
 
 
 def _remove(path: Path) -> None:

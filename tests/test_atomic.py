@@ -1,0 +1,60 @@
+"""Atomic outputs: complete or absent, never over an existing file without overwrite."""
+
+import os
+import stat
+
+import pytest
+
+from targan_cli.errors import TarganError
+from targan_cli.io.atomic import atomic_output
+
+
+def test_success_renames_into_place_with_ordinary_permissions(tmp_path):
+    target = tmp_path / "sub" / "out.nii.gz"
+    with atomic_output(target) as temporary:
+        assert temporary.parent == target.parent and temporary.name.endswith(".nii.gz")
+        temporary.write_bytes(b"data")
+        assert not target.exists()
+    assert target.read_bytes() == b"data"
+    assert list(target.parent.iterdir()) == [target]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+def test_failure_leaves_nothing_and_keeps_the_previous_output(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("previous")
+    with pytest.raises(RuntimeError):
+        with atomic_output(target, overwrite=True) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("crash")
+    assert target.read_text() == "previous"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("mine")
+    with pytest.raises(TarganError, match="already exists; pass --overwrite"):
+        with atomic_output(target):
+            pass
+    assert target.read_text() == "mine"
+
+
+def test_an_os_error_while_writing_becomes_a_one_line_error(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(TarganError, match="out.txt: cannot write: No space left"):
+        with atomic_output(target):
+            raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_folders_are_replaced_whole(tmp_path):
+    target = tmp_path / "weights"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_output(target, overwrite=True, is_dir=True) as temporary:
+        (temporary / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["weights"]

@@ -30,7 +30,7 @@ app.add_typer(data_app, name="data")
 # Options shared by several commands, defined once.
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 WeightsOpt = Annotated[Optional[str], typer.Option(
-    "--weights", "-w", help="Weights folder, model.safetensors file, or Hub repo id org/name[@revision]. "
+    "--weights", "-w", help="Weights folder, model.safetensors file, or Hub repo id org/name\\[@revision]. "
                             "Default: $TARGAN_WEIGHTS, then the built-in repo (weights/README.md).")]
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
@@ -103,8 +103,8 @@ def info(
 @handles_errors
 def translate(
     input: Annotated[Path, typer.Argument(help="A NIfTI file, a DICOM series folder, or a folder of NIfTI files.")],
-    output: Annotated[Path, typer.Argument(help="The output NIfTI file (.nii.gz), or a folder for a folder input.")],
     to: Annotated[str, typer.Option("--to", help="Target modality, a name from the weights (e.g. ct, t1w, t2w).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The output NIfTI file (.nii.gz), or a folder for a folder input.")],
     source: Annotated[Optional[str], typer.Option(
         "--from", help="The input's modality. Default: from the DICOM Modality tag, or the weights' "
                        "only modality other than --to.")] = None,
@@ -134,6 +134,269 @@ def translate(
                   f"{result.seconds:.1f} s, {result.slices_per_second:.1f} slices/s on {result.device}")
     if result.preview is not None:
         console.print(f"Preview [bold]{result.preview}[/]")
+
+
+@app.command()
+@handles_errors
+def enrich(
+    input: Annotated[Path, typer.Argument(
+        help="Folder of NIfTI volumes of one modality, or a DATA folder's <split>/<modality> (labels found there).")],
+    source: Annotated[Optional[str], typer.Option(
+        "--from", help="The input's modality (default: the DATA folder's modality folder name).")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="nnU-Net's raw folder (default: $nnUNet_raw).")] = None,
+    weights: WeightsOpt = None,
+    revision: RevisionOpt = None,
+    dataset_id: Annotated[int, typer.Option("--dataset-id", help="nnU-Net dataset id, 1 to 999.")] = 501,
+    name: Annotated[Optional[str], typer.Option(
+        "--name", help="Dataset name (letters, digits, _). Default: Liver<FROM>Enriched, or Liver<FROM>.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(
+        "--labels", help="Folder of <case>.nii.gz liver masks; cases without one go to imagesTs.")] = None,
+    targets: Annotated[Optional[list[str]], typer.Option(
+        "--to", help="A synthetic modality to add (repeat; default: every other modality of the weights).")] = None,
+    single_channel: Annotated[bool, typer.Option(
+        "--single-channel", help="The baseline: real images only, no synthetic channels, no weights.")] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per generator batch.")] = 16,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Write an nnU-Net v2 raw dataset: the real image as channel 0, its translations as channels 1.. (resumable)."""
+    from targan_cli.console import console, progress_bar
+    from targan_cli.workflows.enrich import enrich as enrich_dataset
+
+    with progress_bar("Enriching", total=None, unit="cases") as advance:
+        result = enrich_dataset(
+            input, output, source=source, weights=weights, revision=revision, targets=targets,
+            single_channel=single_channel, dataset_id=dataset_id, name=name, labels=labels, device=device,
+            precision=precision, batch_size=batch_size, overwrite=overwrite, progress=advance,
+            total_callback=lambda total: advance(0, total=total))
+    console.print(f"Wrote [bold]{result.folder}[/]: channels {', '.join(result.channels)}; "
+                  f"{len(result.written)} case(s) written, {len(result.skipped)} already complete; "
+                  f"{result.training} training case(s), {result.test} in imagesTs")
+
+
+LambdaOpt = Annotated[float, typer.Option(help="Loss weight (METHOD.md, Losses).", rich_help_panel="Loss weights")]
+
+
+@app.command()
+@handles_errors
+def train(
+    data: Annotated[Path, typer.Option("--data", help="DATA folder (from `targan data phantom` or `targan data import-chaos`).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. Default: runs/<data folder name>.")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training slices.")] = 50,
+    preset: Annotated[str, typer.Option("--preset", help="Network size: paper (official), small or tiny.")] = "paper",
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Slice size. Default: the preset's (paper 256).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per step (per process under torchrun).")] = 4,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many steps in all.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from checkpoints/last.pt.")] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the weights, data order and augmentation.")] = 0,
+    workers: Annotated[int, typer.Option("--workers", help="Data-loading worker processes.")] = 0,
+    shape_controller: Annotated[bool, typer.Option("--shape-controller/--no-shape-controller", help="Ablation: without S.", rich_help_panel="Ablations")] = True,
+    target_stream: Annotated[bool, typer.Option("--target-stream/--no-target-stream", help="Ablation: without T (and C).", rich_help_panel="Ablations")] = True,
+    crossing_loss: Annotated[bool, typer.Option("--crossing-loss/--no-crossing-loss", help="Ablation: without C.", rich_help_panel="Ablations")] = True,
+    lambda_gp: LambdaOpt = 10.0,
+    lambda_rcls: LambdaOpt = 1.0,
+    lambda_fcls: LambdaOpt = 1.0,
+    lambda_rec: LambdaOpt = 1.0,
+    lambda_cross: LambdaOpt = 50.0,
+    lambda_u: LambdaOpt = 0.01,
+    lambda_shape: LambdaOpt = 1.0,
+    lr_g: Annotated[float, typer.Option("--lr-g", help="Adam learning rate of G and S.", rich_help_panel="Loss weights")] = 1e-4,
+    lr_d: Annotated[float, typer.Option("--lr-d", help="Adam learning rate of D_x and D_r.", rich_help_panel="Loss weights")] = 3e-4,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Also checkpoint every N steps (step_N.pt). Default: each epoch.")] = None,
+    log_every: Annotated[int, typer.Option("--log-every", help="Log the losses every N steps.")] = 10,
+    sample_every: Annotated[int, typer.Option("--sample-every", help="Write samples/epoch_N.png every N epochs (0: never).")] = 1,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the generator and shape controller.")] = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Train TarGAN on a DATA folder (resumable; one GPU, the CPU, or DDP under torchrun); export the EMA generator."""
+    import shlex
+    import sys
+
+    from targan_cli.console import console, format_value, print_warning, progress_bar
+    from targan_cli.workflows.train import TrainProgress, is_main_process
+    from targan_cli.workflows.train import train as run_training
+
+    run_dir = out if out is not None else Path("runs") / data.resolve().name
+    options = dict(
+        epochs=epochs, preset=preset, image_size=image_size, batch_size=batch_size, max_steps=max_steps,
+        resume=resume, device=device, precision=precision, seed=seed, workers=workers,
+        shape_controller=shape_controller, target_stream=target_stream, crossing_loss=crossing_loss,
+        lambda_gp=lambda_gp, lambda_rcls=lambda_rcls, lambda_fcls=lambda_fcls, lambda_rec=lambda_rec,
+        lambda_cross=lambda_cross, lambda_u=lambda_u, lambda_shape=lambda_shape, lr_g=lr_g, lr_d=lr_d,
+        checkpoint_every=checkpoint_every, log_every=log_every, sample_every=sample_every, compile=compile,
+        overwrite=overwrite)
+    if not is_main_process():  # ranks > 0 of a torchrun launch: rank 0 reports
+        run_training(data, run_dir, **options)
+        return
+    with progress_bar("Preparing slices", total=None) as advance:
+        def report(event: TrainProgress) -> None:
+            fields: dict = {"total": event.total, "completed": event.done}
+            if event.phase == "train":
+                fields["description"] = f"Epoch {event.epoch}/{event.epochs}"
+                if event.losses:
+                    fields["status"] = (f"D {format_value(event.losses['d_total'])}  "
+                                        f"G {format_value(event.losses['g_total'])}  "
+                                        f"{event.steps_per_second or 0:.2f} steps/s")
+            advance(0, **fields)
+
+        result = run_training(data, run_dir, progress=report, **options)
+    if result.interrupted:
+        command = ["targan", *[arg for arg in sys.argv[1:] if arg not in ("--overwrite", "--resume")], "--resume"]
+        print_warning(f"stopped at step {result.steps}; checkpoint saved to {result.checkpoint}")
+        console.print(f"Resume with: [bold]{shlex.join(command)}[/]")
+        raise typer.Exit(130)
+    console.print(f"Trained {result.steps} steps ({result.epochs_completed} epochs) in [bold]{result.run_dir}[/]")
+    console.print(f"EMA generator exported to [bold]{result.export_dir}[/]")
+    console.print(f"Translate with: [bold]targan translate INPUT.nii.gz --to MODALITY -o OUTPUT.nii.gz "
+                  f"--weights {result.export_dir}[/]")
+
+
+@app.command()
+@handles_errors
+def evaluate(
+    metric: Annotated[list[str], typer.Option(
+        "--metric", "-m", help="fid, sscore, psnr, ssim, mae (with --data, --weights) or dice, ravd (with --pred, "
+                               "--truth); repeat or separate with commas.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="DATA folder whose test split is translated.")] = None,
+    weights: Annotated[Optional[list[str]], typer.Option(
+        "--weights", "-w", help="Weights folder or Hub repo id; repeat to compare models side by side. "
+                                "Default: $TARGAN_WEIGHTS, then the built-in repo.")] = None,
+    segmenters: Annotated[Optional[Path], typer.Option(
+        "--segmenters", help="sscore: folder with one segmenter per modality, DIR/<modality>/ "
+                             "(targan train-segmenter).")] = None,
+    fid_features: Annotated[Optional[Path], typer.Option(
+        "--fid-features", help="fid: TorchScript module mapping (N, 1, H, W) slices in [-1, 1] to (N, D) "
+                               "features. Default: Inception-v3 (needs torch-fidelity).")] = None,
+    inception_weights: Annotated[Optional[Path], typer.Option(
+        "--inception-weights", help="fid: local Inception-v3 FID weights file (offline use).")] = None,
+    pred: Annotated[Optional[list[Path]], typer.Option(
+        "--pred", help="dice, ravd: folder of predicted masks <case>.nii.gz; repeat to compare.")] = None,
+    truth: Annotated[Optional[Path], typer.Option("--truth", help="dice, ravd: folder of ground-truth masks.")] = None,
+    split: Annotated[str, typer.Option("--split", help="Dataset split to evaluate: test or train.")] = "test",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every value and the settings as JSON.")] = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write every per-volume value as CSV.")] = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per generator batch.")] = 16,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Evaluate translations (the paper's Table 1: FID, S-score; paired PSNR/SSIM/MAE) or segmentations (Table 2)."""
+    from targan_cli.console import console, metric_table, progress_bar, summary_cell
+    from targan_cli.workflows.evaluate import evaluate as run_evaluation
+
+    with progress_bar("Evaluating", total=None, unit="volumes") as advance:
+        result = run_evaluation(
+            metric, data=data, weights=weights or (), segmenters=segmenters, fid_features=fid_features,
+            inception_weights=inception_weights, predictions=pred or (), truth=truth, split=split, device=device,
+            batch_size=batch_size, json_out=json_out, csv_out=csv_out, overwrite=overwrite, progress=advance,
+            total_callback=lambda total: advance(0, total=total))
+    rows = [(model, [summary_cell(summary, column.digits) for summary, column in zip(summaries, result.columns)])
+            for model, summaries in result.rows]
+    console.print(metric_table(result.title, [column.label for column in result.columns], rows, result.best))
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    for path in (json_out, csv_out):
+        if path is not None:
+            console.print(f"Wrote [bold]{path}[/]")
+
+
+@app.command("train-segmenter")
+@handles_errors
+def train_segmenter(
+    data: Annotated[Path, typer.Option("--data", help="DATA folder; the labelled training cases of --modality are used.")],
+    modality: Annotated[str, typer.Option("--modality", help="The modality to segment, a name from the dataset.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Segmenter folder to write (e.g. segmenters/<modality>).")],
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training slices.")] = 10,
+    image_size: Annotated[int, typer.Option("--image-size", help="Slice size the U-Net works at.")] = 128,
+    width: Annotated[int, typer.Option("--width", help="Channels of the first U-Net block; doubles per level.")] = 16,
+    depth: Annotated[int, typer.Option("--depth", help="U-Net levels.")] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per step.")] = 8,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-3,
+    device: DeviceOpt = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the weights and data order.")] = 0,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Train a 2D U-Net liver segmenter on real slices of one modality (for the S-score)."""
+    from targan_cli.console import console, progress_bar
+    from targan_cli.workflows.segment import train_segmenter as run_training
+
+    with progress_bar(f"Training the {modality} segmenter", total=None, unit="steps") as advance:
+        result = run_training(data, modality, out, epochs=epochs, image_size=image_size, width=width, depth=depth,
+                              batch_size=batch_size, learning_rate=learning_rate, device=device, seed=seed,
+                              overwrite=overwrite, progress=advance,
+                              total_callback=lambda total: advance(0, total=total))
+    console.print(f"Wrote [bold]{result.folder}[/] ({result.modality}: {result.train_cases} cases, "
+                  f"{result.train_slices} slices, final loss {result.epoch_losses[-1]:.4f}, "
+                  f"{result.seconds:.1f} s on {result.device})")
+    if result.test_dice is not None:
+        console.print(f"Dice on {result.test_cases} real test volume(s): {result.test_dice:.2f} %")
+
+
+@app.command()
+@handles_errors
+def segment(
+    input: Annotated[Path, typer.Argument(help="A NIfTI file or a DICOM series folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The liver mask to write (.nii.gz, uint8).")],
+    segmenter: Annotated[Path, typer.Option("--segmenter", help="Segmenter folder (targan train-segmenter).")],
+    source: Annotated[Optional[str], typer.Option(
+        "--from", help="The input's modality; must be the segmenter's. Default: trust the segmenter.")] = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per batch.")] = 16,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Segment the liver of a volume with a trained segmenter; the mask keeps the input's geometry."""
+    from targan_cli.console import console
+    from targan_cli.workflows.segment import segment as run_segment
+
+    result = run_segment(input, output, segmenter=segmenter, source=source, device=device,
+                         batch_size=batch_size, overwrite=overwrite)
+    console.print(f"Wrote [bold]{result.output}[/] ({result.modality} liver: {result.liver_voxels:,} voxels, "
+                  f"{result.liver_ml:.1f} mL, {result.seconds:.1f} s on {result.device})")
+
+
+@data_app.command("phantom")
+@handles_errors
+def data_phantom(
+    out: Annotated[Path, typer.Argument(help="Folder to write the phantom dataset into.")],
+    cases: Annotated[int, typer.Option(help="Training cases per modality (each a different anatomy).")] = 6,
+    test_cases: Annotated[int, typer.Option(help="Test cases, rendered in every modality (paired/).")] = 2,
+    size: Annotated[int, typer.Option(help="In-plane size in voxels (field of view about 380 mm).")] = 64,
+    slices: Annotated[Optional[int], typer.Option(help="Slices per volume (default: from the modality's slice thickness).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same data.")] = 0,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Write synthetic abdominal phantoms (CT, T1w, T2w, liver labels) in the DATA layout."""
+    from targan_cli.console import console, progress_bar
+    from targan_cli.data.phantom import phantom_steps, write_phantom_dataset
+
+    with progress_bar("phantoms", phantom_steps(cases, test_cases), "volumes") as advance:
+        summary = write_phantom_dataset(out, cases=cases, size=size, slices=slices, seed=seed,
+                                        test_cases=test_cases, overwrite=overwrite, progress=advance)
+    console.print(f"Wrote [bold]{summary.root}[/]: {summary.files} NIfTI files, modalities "
+                  f"{', '.join(summary.modalities)}, {len(summary.test_cases)} paired test case(s)")
+
+
+@data_app.command("import-chaos")
+@handles_errors
+def data_import_chaos(
+    chaos_dir: Annotated[Path, typer.Argument(help="The unzipped CHAOS 2019 training archive (holding Train_Sets, or Train_Sets itself).")],
+    out: Annotated[Path, typer.Argument(help="Folder to write the dataset into (DATA layout).")],
+    test_fraction: Annotated[float, typer.Option(help="Fraction of patients per modality kept for testing.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the split by patient.")] = 0,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Import CHAOS 2019 (CT, T1 in-phase, T2-SPIR, liver masks) into the DATA layout, split by patient."""
+    from targan_cli.console import console, progress_bar
+    from targan_cli.data.chaos import find_chaos_series, import_chaos
+
+    with progress_bar("CHAOS", len(find_chaos_series(chaos_dir)), "series") as advance:
+        summary = import_chaos(chaos_dir, out, test_fraction=test_fraction, seed=seed,
+                               overwrite=overwrite, progress=advance)
+    console.print(f"Wrote [bold]{summary.out}[/]: {summary.volumes} volumes, {summary.slices} slices")
+    console.print("The CHAOS data are licensed CC-BY-NC-SA 4.0.")
 
 
 def main() -> None:

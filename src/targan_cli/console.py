@@ -71,3 +71,23 @@ def metric_table(title: str, columns: Sequence[str], rows: Sequence[tuple[str, S
                   for column, cell in enumerate(cells)]
         table.add_row(label, *styled)
     return table
+
+
+def summary_cell(summary: Any | None, digits: int = 4) -> str:
+    """A table cell for values summarized over volumes (``workflows.evaluate.Summary``).
+
+    "mean ± std" with ``digits`` decimals, so that a column lines up (the std from two values on),
+    then how many values were n/a (nan, e.g. RAVD of an empty reference) or infinite (PSNR of
+    identical images); "inf" when all were infinite.
+    """
+    if summary is None or summary.count == 0:
+        return "inf" if summary is not None and summary.infinite and not summary.missing else "n/a"
+
+    def fixed(value: float) -> str:
+        return f"{value:.{digits}f}" if value == 0 or abs(value) >= 10 ** -digits else format_value(value, digits)
+
+    text = fixed(summary.mean)
+    if summary.count > 1:
+        text += f" ± {fixed(summary.std)}"
+    extras = [f"{count} {what}" for count, what in ((summary.missing, "n/a"), (summary.infinite, "inf")) if count]
+    return f"{text} ({', '.join(extras)})" if extras else text

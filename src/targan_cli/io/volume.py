@@ -454,17 +454,35 @@ class SliceFrame:
         return tuple(shape)  # type: ignore[return-value]
 
 
+def slice_frame(shape: tuple[int, ...], affine: np.ndarray, source: Path | None = None) -> SliceFrame:
+    """The frame of a volume with this array shape and affine (oblique: the nearest axes)."""
+    orientation = io_orientation(affine)
+    if np.isnan(orientation).any():
+        raise TarganError(f"the affine has no usable orientation ({np.round(affine, 3).tolist()})", source)
+    return SliceFrame(tuple(int(n) for n in shape[:3]), tuple((float(a), float(f)) for a, f in orientation))
+
+
+def canonical_depth(path: str | Path) -> int:
+    """How many canonical slices a volume file holds, from a NIfTI header alone when possible."""
+    path = Path(path)
+    if _nifti_suffix(path) is not None:
+        try:
+            image = nib.load(path)
+            if len(image.shape) == 3 or (len(image.shape) == 4 and image.shape[3] == 1):
+                return slice_frame(image.shape, image.affine, path).canonical_shape[0]
+        except Exception:  # a damaged or odd file: read_volume names the problem below
+            pass
+    volume = read_volume(path)
+    return slice_frame(volume.shape, volume.affine, path).canonical_shape[0]
+
+
 def to_slices(volume: Volume) -> tuple[np.ndarray, SliceFrame]:
     """The volume as canonical axial slices (Z, H, W) float32, and the frame to invert it.
 
     Z runs inferior -> superior, H anterior -> posterior, W patient right -> left (DICOM display).
     Oblique volumes use their nearest axes; nothing is resampled, so the mapping is exact.
     """
-    orientation = io_orientation(volume.affine)
-    if np.isnan(orientation).any():
-        raise TarganError(f"the affine has no usable orientation ({np.round(volume.affine, 3).tolist()})",
-                          volume.source)
-    frame = SliceFrame(volume.shape, tuple((float(a), float(f)) for a, f in orientation))
+    frame = slice_frame(volume.shape, volume.affine, volume.source)
     slices = apply_orientation(volume.array, frame._to_canonical)
     return np.ascontiguousarray(slices, dtype=np.float32), frame
 

@@ -1,0 +1,234 @@
+"""`targan translate`: whole volumes of one modality into another, geometry kept.
+
+Pipeline per volume: read -> canonical slices -> normalize with the source modality's intensity
+settings -> generator (batched) -> denormalize with the target's (HU rounded to integers) ->
+back to the file's voxel order -> written with the input's affine and header.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from targan_cli.config import WeightsConfig
+from targan_cli.core.device import check_precision, pick_device
+from targan_cli.core.inference import generator_device, translate_slices
+from targan_cli.core.intensity import denormalize, normalize
+from targan_cli.errors import TarganError, UsageError
+from targan_cli.io.atomic import check_writable
+from targan_cli.io.montage import save_montage
+from targan_cli.io.volume import (Volume, canonical_depth, case_id, from_slices, is_volume_path,
+                                  list_volumes, read_volume, slice_frame, to_slices, write_volume)
+from targan_cli.io.weights import Weights, load_weights
+
+OUTPUT_SUFFIX = ".nii.gz"
+PREVIEW_SLICES = 4
+
+
+@dataclass(frozen=True)
+class TranslateResult:
+    """What a run wrote and how fast: ``seconds`` covers reading, translating and writing."""
+
+    outputs: tuple[Path, ...]
+    target: str
+    slices: int
+    seconds: float
+    device: str
+    preview: Path | None = None
+
+    @property
+    def slices_per_second(self) -> float:
+        return self.slices / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _Translation:
+    """One translated volume and the few canonical slices a preview shows."""
+
+    volume: Volume
+    shown: list[int]  # indices of the preview slices along Z
+    depth: int
+    input_preview: np.ndarray  # (len(shown), H, W) stored units
+    output_preview: np.ndarray  # (len(shown), H, W) target units
+
+
+def _modalities(config: WeightsConfig) -> str:
+    return ", ".join(config.modality_names)
+
+
+def infer_source(config: WeightsConfig, volume: Volume, source: str | None, target: str) -> str:
+    """The input's modality name: ``source`` (--from) if given, else from the DICOM Modality tag,
+    else the weights' only modality other than ``target``; otherwise a usage error listing names.
+    """
+    if source is not None:
+        config.modality_index(source)
+        return source
+    if volume.modality is not None:
+        kind = volume.modality.lower()
+        names = [m.name for m in config.modalities if m.intensity.kind == kind]
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise UsageError(f"the DICOM series is {volume.modality} but these weights have no "
+                             f"{volume.modality} modality (they know {_modalities(config)})", volume.source)
+        raise UsageError(f"the DICOM series is {volume.modality}, which fits several modalities of these "
+                         f"weights: pass --from with one of {', '.join(names)}", volume.source)
+    others = [name for name in config.modality_names if name != target]
+    if len(others) == 1:
+        return others[0]
+    raise UsageError(f"pass --from with the input's modality, one of {_modalities(config)} "
+                     "(a NIfTI file does not say which it is)", volume.source)
+
+
+def _preview_indices(depth: int) -> list[int]:
+    """~PREVIEW_SLICES evenly spaced slices, away from the ends (often outside the body)."""
+    return sorted({int((k + 0.5) * depth / PREVIEW_SLICES) for k in range(PREVIEW_SLICES)})
+
+
+def _translate(volume: Volume, weights: Weights, source: str, target: str, *, batch_size: int,
+               dtype: torch.dtype | None, progress: Callable[[int], None] | None) -> _Translation:
+    config = weights.config
+    target_settings = config.intensity(target)
+    slices, frame = to_slices(volume)  # (Z, H, W) stored units
+    shown = _preview_indices(slices.shape[0])
+    input_preview = slices[shown]
+    try:
+        normalized = normalize(slices, config.intensity(source))
+    except TarganError as error:  # e.g. a blank MR volume: name the file
+        raise TarganError(error.message, error.path or volume.source, error.exit_code) from None
+    # Only one volume-sized float array lives while the generator runs: the slices are dropped
+    # and the output overwrites the normalized input batch by batch.
+    del slices
+    translate_slices(weights.generator, normalized, config.modality_index(target), batch_size=batch_size,
+                     device=generator_device(weights.generator), dtype=dtype, progress=progress,
+                     out=normalized)
+    output = denormalize(normalized, target_settings)  # (Z, H, W) target units
+    del normalized
+    if target_settings.kind == "ct":
+        np.rint(output, out=output)  # whole HU, so the file is int16 like a scanner's
+    modality = "CT" if target_settings.kind == "ct" else "MR"
+    translated = Volume(from_slices(output, frame), volume.affine.copy(), volume.header, modality, volume.source)
+    return _Translation(translated, shown, len(output), input_preview, output[shown])
+
+
+def translate_volume(volume: Volume, weights: Weights, source: str, target: str, *, batch_size: int = 16,
+                     dtype: torch.dtype | None = None,
+                     progress: Callable[[int], None] | None = None) -> Volume:
+    """``volume`` (stored units of modality ``source``) translated to ``target``, same geometry.
+
+    Runs on the generator's device; ``dtype`` is the autocast dtype (None: fp32); ``progress(n)``
+    advances by translated slices. CT outputs are whole HU, MR outputs in [0, reference_high].
+    """
+    return _translate(volume, weights, source, target, batch_size=batch_size, dtype=dtype,
+                      progress=progress).volume
+
+
+def _check_options(batch_size: int, num_parts: int, part_id: int) -> None:
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if num_parts < 1:
+        raise UsageError(f"--num-parts must be at least 1, got {num_parts}")
+    if not 0 <= part_id < num_parts:
+        raise UsageError(f"--part-id must be within 0 to {num_parts - 1} for --num-parts {num_parts}, got {part_id}")
+
+
+def _plan(input: Path, output: Path, num_parts: int, part_id: int,
+          preview: Path | None) -> tuple[list[Path], list[Path]]:
+    """(inputs, outputs): one volume to one file, or this part of a folder's NIfTI files to a folder."""
+    if not input.exists():
+        raise TarganError("not found", input)
+    if input.is_file() or is_volume_path(input):
+        if num_parts > 1:
+            raise UsageError("--num-parts splits a folder of NIfTI files; the input is a single volume", input)
+        if not output.name.lower().endswith((".nii", ".nii.gz")):
+            raise UsageError("the output of a single volume is a NIfTI file: its name must end in "
+                             ".nii.gz or .nii", output)
+        return [input], [output]
+    if preview is not None:
+        raise UsageError("--preview shows one volume; pass a single NIfTI file or DICOM folder with it")
+    files = list_volumes(input)
+    if not files:
+        raise TarganError("no NIfTI (.nii / .nii.gz) files in this folder, and no DICOM files directly in it",
+                          input)
+    if output.exists() and not output.is_dir():
+        raise TarganError("the input is a folder, so the output must be a folder, but this is a file", output)
+    selected = files[part_id::num_parts]
+    return selected, [output / f"{case_id(file)}{OUTPUT_SUFFIX}" for file in selected]
+
+
+def _preview(path: Path, translation: _Translation, source: str, target: str, config: WeightsConfig,
+             overwrite: bool) -> Path:
+    """Input beside output for the preview slices; CT columns in the CT window."""
+
+    def window(name: str) -> tuple[float, float] | None:
+        settings = config.intensity(name)
+        return settings.window if settings.kind == "ct" else None
+
+    rows = [[image, output] for image, output in zip(translation.input_preview, translation.output_preview)]
+    return save_montage(path, rows, [f"slice {i + 1}/{translation.depth}" for i in translation.shown],
+                        [f"input ({source})", f"output ({target})"], overwrite,
+                        column_windows=[window(source), window(target)])
+
+
+def translate(
+    input: str | Path,
+    output: str | Path,
+    *,
+    to: str,
+    source: str | None = None,
+    weights: str | Path | None = None,
+    revision: str | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    batch_size: int = 16,
+    preview: str | Path | None = None,
+    num_parts: int = 1,
+    part_id: int = 0,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+    total_callback: Callable[[int], None] | None = None,
+) -> TranslateResult:
+    """Translate a NIfTI file or DICOM series folder to a NIfTI file, or a folder of NIfTI files
+    (part ``part_id`` of ``num_parts``: the sorted files ``[part_id::num_parts]``) to a folder of
+    ``<case>.nii.gz``. ``total_callback(slices)`` is called once before ``progress(n)`` starts.
+    Every output is checked (existing without ``overwrite``, unwritable) before any work.
+    """
+    input, output = Path(input), Path(output)
+    preview = Path(preview) if preview is not None else None
+    _check_options(batch_size, num_parts, part_id)
+    if preview is not None and preview.suffix.lower() != ".png":
+        raise UsageError("the preview is a PNG: its name must end in .png", preview)
+    inputs, outputs = _plan(input, output, num_parts, part_id, preview)
+    for path in [*outputs, *([preview] if preview is not None else [])]:
+        check_writable(path, overwrite)
+    torch_device = pick_device(device)
+    dtype = check_precision(precision, torch_device)
+    loaded = load_weights(weights, revision, torch_device)
+    loaded.config.modality_index(to)
+    if source is not None:
+        loaded.config.modality_index(source)
+
+    started = time.perf_counter()
+    # One volume is read first (a DICOM series' depth is known only once read); a folder's
+    # depths come from the NIfTI headers, so that the progress total is known up front.
+    first = read_volume(inputs[0]) if len(inputs) == 1 else None
+    total = (slice_frame(first.shape, first.affine).canonical_shape[0] if first is not None
+             else sum(canonical_depth(path) for path in inputs))
+    if total_callback is not None:
+        total_callback(total)
+    written_preview = None
+    for path, target_path in zip(inputs, outputs):
+        volume = first if first is not None else read_volume(path)
+        source_name = infer_source(loaded.config, volume, source, to)
+        translation = _translate(volume, loaded, source_name, to, batch_size=batch_size, dtype=dtype,
+                                 progress=progress)
+        write_volume(target_path, translation.volume, overwrite=overwrite)
+        if preview is not None:
+            written_preview = _preview(preview, translation, source_name, to, loaded.config, overwrite)
+    return TranslateResult(tuple(outputs), to, total, time.perf_counter() - started, str(torch_device),
+                           written_preview)

@@ -176,9 +176,6 @@ def enrich(
                   f"{result.training} training case(s), {result.test} in imagesTs")
 
 
-LambdaOpt = Annotated[float, typer.Option(help="Loss weight (METHOD.md, Losses).", rich_help_panel="Loss weights")]
-
-
 @app.command()
 @handles_errors
 def train(
@@ -197,13 +194,13 @@ def train(
     shape_controller: Annotated[bool, typer.Option("--shape-controller/--no-shape-controller", help="Ablation: without S.", rich_help_panel="Ablations")] = True,
     target_stream: Annotated[bool, typer.Option("--target-stream/--no-target-stream", help="Ablation: without T (and C).", rich_help_panel="Ablations")] = True,
     crossing_loss: Annotated[bool, typer.Option("--crossing-loss/--no-crossing-loss", help="Ablation: without C.", rich_help_panel="Ablations")] = True,
-    lambda_gp: LambdaOpt = 10.0,
-    lambda_rcls: LambdaOpt = 1.0,
-    lambda_fcls: LambdaOpt = 1.0,
-    lambda_rec: LambdaOpt = 1.0,
-    lambda_cross: LambdaOpt = 50.0,
-    lambda_u: LambdaOpt = 0.01,
-    lambda_shape: LambdaOpt = 1.0,
+    lambda_gp: Annotated[float, typer.Option(help="Weight of the gradient penalty.", rich_help_panel="Loss weights")] = 10.0,
+    lambda_rcls: Annotated[float, typer.Option(help="Weight of D's classification of real slices.", rich_help_panel="Loss weights")] = 1.0,
+    lambda_fcls: Annotated[float, typer.Option(help="Weight of G's classification loss (translations as their target).", rich_help_panel="Loss weights")] = 1.0,
+    lambda_rec: Annotated[float, typer.Option(help="Weight of the cycle reconstruction loss.", rich_help_panel="Loss weights")] = 1.0,
+    lambda_cross: Annotated[float, typer.Option(help="Weight of the crossing loss.", rich_help_panel="Loss weights")] = 50.0,
+    lambda_u: Annotated[float, typer.Option(help="Weight of the untraceable constraint (D classifies fakes by their source).", rich_help_panel="Loss weights")] = 0.01,
+    lambda_shape: Annotated[float, typer.Option(help="Weight of the shape-controller loss.", rich_help_panel="Loss weights")] = 1.0,
     lr_g: Annotated[float, typer.Option("--lr-g", help="Adam learning rate of G and S.", rich_help_panel="Loss weights")] = 1e-4,
     lr_d: Annotated[float, typer.Option("--lr-d", help="Adam learning rate of D_x and D_r.", rich_help_panel="Loss weights")] = 3e-4,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Also checkpoint every N steps (step_N.pt). Default: each epoch.")] = None,
@@ -251,8 +248,9 @@ def train(
         raise typer.Exit(130)
     console.print(f"Trained {result.steps} steps ({result.epochs_completed} epochs) in [bold]{result.run_dir}[/]")
     console.print(f"EMA generator exported to [bold]{result.export_dir}[/]")
-    console.print(f"Translate with: [bold]targan translate INPUT.nii.gz --to MODALITY -o OUTPUT.nii.gz "
-                  f"--weights {result.export_dir}[/]")
+    console.print(f"Translate with: [bold]targan translate INPUT.nii.gz -o OUTPUT.nii.gz --from "
+                  f"{result.modalities[0]} --to {result.modalities[-1]} --weights {result.export_dir}[/] "
+                  f"(modalities: {', '.join(result.modalities)})")
 
 
 @app.command()
@@ -309,12 +307,14 @@ def train_segmenter(
     data: Annotated[Path, typer.Option("--data", help="DATA folder; the labelled training cases of --modality are used.")],
     modality: Annotated[str, typer.Option("--modality", help="The modality to segment, a name from the dataset.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Segmenter folder to write (e.g. segmenters/<modality>).")],
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training slices.")] = 10,
-    image_size: Annotated[int, typer.Option("--image-size", help="Slice size the U-Net works at.")] = 128,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training slices.")] = 20,
+    image_size: Annotated[Optional[int], typer.Option(
+        "--image-size", help="Slice size the U-Net works at. Default: the training volumes' in-plane "
+                             "size, at most 256.")] = None,
     width: Annotated[int, typer.Option("--width", help="Channels of the first U-Net block; doubles per level.")] = 16,
     depth: Annotated[int, typer.Option("--depth", help="U-Net levels.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per step.")] = 8,
-    learning_rate: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-3,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 3e-3,
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the weights and data order.")] = 0,
     overwrite: OverwriteOpt = False,

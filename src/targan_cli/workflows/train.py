@@ -1,0 +1,618 @@
+"""`targan train`: the full TarGAN objective on a DATA folder, resumable, on the CPU, one GPU or DDP.
+
+A run folder holds::
+
+    checkpoints/last.pt            everything needed to resume (weights_only loadable), atomic
+    checkpoints/step_XXXXXXX.pt    periodic copies with --checkpoint-every
+    export/                        the EMA generator as a weights folder (for `targan translate`)
+    metrics.jsonl                  every loss term at each logged step, with steps/s
+    samples/epoch_XXX.png          held-out slices translated to every modality (EMA generator)
+    tensorboard/                   event files, when tensorboard is installed
+
+The data order is a function of (seed, epoch) and the step's randomness (flips, targets, gradient
+penalty weights) of (seed, rank, step), so a run resumed from any checkpoint reaches the same
+weights as an uninterrupted one. Under torchrun (WORLD_SIZE > 1) each rank trains on its shard
+with ``batch_size`` slices per step and gradients averaged; rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from targan_cli import __version__
+from targan_cli.config import ModelConfig, WeightsConfig, preset as model_preset
+from targan_cli.core.device import check_precision, pick_device
+from targan_cli.core.training import TarGAN, Trainer, TrainConfig, derived_generator
+from targan_cli.data.dataset import DataDir, SliceDataset, SliceSet, load_slices, open_data_dir
+from targan_cli.errors import TarganError, UsageError
+from targan_cli.io.atomic import atomic_output
+from targan_cli.io.montage import save_montage
+from targan_cli.io.weights import save_weights
+
+CHECKPOINTS, LAST_CHECKPOINT, EXPORT, SAMPLES = "checkpoints", "last.pt", "export", "samples"
+METRICS, TENSORBOARD = "metrics.jsonl", "tensorboard"
+RUN_ENTRIES = (CHECKPOINTS, EXPORT, SAMPLES, METRICS, TENSORBOARD)
+CHECKPOINT_FORMAT = 1
+_ORDER_STREAM, _STEP_STREAM = 1, 2  # keep the data-order and per-step random streams apart
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """A progress report: ``phase`` "prepare" counts volumes preprocessed, "train" counts steps.
+
+    ``losses`` (every term, floats) is set at logged steps only; ``epoch`` is 1-based.
+    """
+
+    phase: Literal["prepare", "train"]
+    done: int
+    total: int
+    epoch: int = 0
+    epochs: int = 0
+    losses: dict[str, float] | None = None
+    steps_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    export_dir: Path
+    checkpoint: Path
+    steps: int
+    epochs_completed: int
+    interrupted: bool
+    resumed_from: int | None  # the step the run continued from, None for a new run
+    losses: dict[str, float]  # the last logged step's terms
+    modalities: tuple[str, ...]  # the exported generator's modality names, in index order
+    weights_digest: str  # SHA-256 of every network's weights: equal across ranks and identical runs
+    is_main_process: bool
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class _Processes:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    @classmethod
+    def from_env(cls) -> _Processes:
+        """Rank and world size as torchrun sets them (WORLD_SIZE, RANK, LOCAL_RANK); one process otherwise."""
+        try:
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+            local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+        except ValueError:
+            raise UsageError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (as torchrun sets them)") from None
+        return cls(rank, world_size, local_rank)
+
+
+def is_main_process() -> bool:
+    """False in the ranks > 0 of a torchrun launch, which train silently."""
+    return _Processes.from_env().is_main
+
+
+def _start_processes(processes: _Processes, device_name: str) -> tuple[torch.device, bool]:
+    """The device of this process; joins the process group under torchrun. Returns (device, owns_group)."""
+    device = pick_device(device_name)
+    if not processes.distributed:
+        return device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", processes.local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UsageError(f"distributed training runs on CUDA or the CPU, not {device.type}")
+    if dist.is_initialized():
+        return device, False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, True
+
+
+# ----------------------------------------------------------------------------- options and run folder
+
+
+def _check_options(epochs: int, batch_size: int, max_steps: int | None, workers: int, seed: int,
+                   checkpoint_every: int | None, log_every: int, sample_every: int) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise UsageError(f"--seed must be an integer in [0, 2^32), got {seed!r}")
+    for name, value, minimum in (("--epochs", epochs, 1), ("--batch-size", batch_size, 1),
+                                 ("--max-steps", max_steps, 1), ("--workers", workers, 0),
+                                 ("--checkpoint-every", checkpoint_every, 1), ("--log-every", log_every, 1),
+                                 ("--sample-every", sample_every, 0)):
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise UsageError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+
+
+def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, or None for a new run; refuses to mix runs."""
+    if resume and overwrite:
+        raise UsageError("--resume continues a run and --overwrite starts it over: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise TarganError("the run folder exists and is not a folder", out)
+    last = out / CHECKPOINTS / LAST_CHECKPOINT
+    if resume:
+        if not last.is_file():
+            raise TarganError("nothing to resume: no checkpoint here (start a new run without --resume)", last)
+        return last
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise TarganError("the run folder is not empty; pass --resume to continue its run or --overwrite "
+                          "to start over", out)
+    return None
+
+
+def _clear_run_dir(out: Path) -> None:
+    """Remove a previous run's outputs (only the entries a run writes)."""
+    for name in RUN_ENTRIES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def epoch_batches(count: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world_size: int = 1) -> list[list[int]]:
+    """The batches (slice indices) of one rank in one epoch: a function of (seed, epoch) only.
+
+    One permutation per epoch, padded by wrapping so that it splits evenly, sharded as
+    ``[rank::world_size]`` (as DistributedSampler does), cut into batches (the last may be short).
+    """
+    order = torch.randperm(count, generator=derived_generator(_ORDER_STREAM, seed, epoch)).tolist()
+    per_rank = math.ceil(count / world_size)
+    padded = (order * math.ceil(per_rank * world_size / count))[: per_rank * world_size]
+    shard = padded[rank::world_size]
+    return [shard[start:start + batch_size] for start in range(0, len(shard), batch_size)]
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The random stream of one training step (flips, targets, gradient-penalty weights)."""
+    return derived_generator(_STEP_STREAM, seed, rank, step)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    keys, position, has_gauss, cached = np.random.get_state()[1:]
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+
+
+def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    random.setstate(state["python"])
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A run's resume state, loaded with ``weights_only=True`` (no arbitrary unpickling)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TarganError("checkpoint not found", path) from None
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        raise TarganError(f"not a readable targan checkpoint ({str(error).splitlines()[0][:160]})", path) from None
+    if not isinstance(state, dict) or state.get("format_version") != CHECKPOINT_FORMAT:
+        raise TarganError("not a targan checkpoint of a supported version", path)
+    return state
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_output(path, overwrite=True) as temporary:
+        torch.save(state, temporary)
+
+
+def _check_resume_settings(stored: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume with settings that change the model, the losses or the data order."""
+    def flat(settings: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in settings.items():
+            if isinstance(value, dict):
+                out.update({name: item for name, item in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    old, new = flat(stored), flat(current)
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            what = "slices in the data" if key == "slices" else key
+            raise UsageError(f"--resume: this run was started with {what} = {old.get(key)!r}, now "
+                             f"{new.get(key)!r}; pass the run's original options", path)
+
+
+# ----------------------------------------------------------------------------- logging and samples
+
+
+class _MetricsLog:
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard scalars when available."""
+
+    def __init__(self, out: Path, resumed_step: int | None):
+        self.path = out / METRICS
+        if resumed_step is not None and self.path.exists():
+            self._truncate(resumed_step)
+        self.writer = None
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / TENSORBOARD), purge_step=resumed_step)
+
+    def _truncate(self, step: int) -> None:
+        """Drop lines logged after the checkpoint (a crashed run's tail), and any partial line."""
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError, TypeError, AttributeError):
+                if json.loads(line).get("step", math.inf) <= step:
+                    kept.append(line)
+        with atomic_output(self.path, overwrite=True) as temporary:
+            temporary.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        # Appended line by line (an atomic rewrite per line would be quadratic); a torn last line
+        # is dropped on resume.
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in record.items():
+                if name not in ("step", "epoch", "time"):
+                    self.writer.add_scalar(name, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _sample_indices(slices: SliceSet) -> list[int]:
+    """One slice per modality: the one showing the most of the target (the middle one if none does)."""
+    area = slices.labels.reshape(len(slices), -1).sum(axis=1, dtype=np.int64)
+    picks = []
+    for modality in range(len(slices.modalities)):
+        indices = np.flatnonzero(slices.modality == modality)
+        if indices.size:
+            best = int(np.argmax(area[indices]))
+            picks.append(int(indices[best] if area[indices[best]] > 0 else indices[indices.size // 2]))
+    return picks
+
+
+class _Samples:
+    """samples/epoch_XXX.png: fixed held-out slices and their translations to every modality."""
+
+    def __init__(self, slices: SliceSet):
+        self.indices = _sample_indices(slices)
+        self.images = torch.from_numpy(np.stack([np.asarray(slices.images[i]) for i in self.indices]))[:, None]
+        self.sources = [int(slices.modality[i]) for i in self.indices]
+        self.names = [m.name for m in slices.modalities]
+        self.row_labels = []
+        for index in self.indices:
+            case = int(slices.case_index[index])
+            first_slice = int(np.argmax(slices.case_index == case))  # a case's slices are contiguous
+            self.row_labels.append(f"{slices.case_ids[case]} #{index - first_slice}")
+
+    @torch.no_grad()
+    def write(self, path: Path, generator: torch.nn.Module, device: torch.device) -> None:
+        images = self.images.to(device)  # (k, 1, S, S)
+        count, n = images.shape[0], len(self.names)
+        targets = torch.arange(n, device=device).repeat_interleave(count)  # every slice to every modality
+        outputs = generator(images.repeat(n, 1, 1, 1), targets).float().cpu().numpy()[:, 0]  # (n * k, S, S)
+        rows = [[self.images[k, 0].numpy()] + [outputs[t * count + k] for t in range(n)] for k in range(count)]
+        columns = ["source"] + [f"to {name}" for name in self.names]
+        save_montage(path, rows, self.row_labels, columns, overwrite=True,
+                     column_windows=[(-1.0, 1.0)] * len(columns))
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's state (names and float32 bytes): equal iff the weights are equal."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step and checkpoint.
+
+    A second Ctrl-C raises KeyboardInterrupt at once. Signal handlers exist only in the main
+    thread; elsewhere ``request()`` is the only way in.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def request(self) -> None:
+        self.requested = True
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_StopRequest]:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        try:
+            yield self
+        finally:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+
+    def agreed(self, processes: _Processes, device: torch.device) -> bool:
+        """Whether any rank was asked to stop (all ranks must stop at the same step)."""
+        if not processes.distributed:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train(
+    data: str | Path,
+    out: str | Path,
+    *,
+    epochs: int = 50,
+    preset: str = "paper",
+    image_size: int | None = None,
+    batch_size: int = 4,
+    max_steps: int | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    precision: str = "fp32",
+    seed: int = 0,
+    workers: int = 0,
+    shape_controller: bool = True,
+    target_stream: bool = True,
+    crossing_loss: bool = True,
+    lambda_gp: float = TrainConfig.lambda_gp,
+    lambda_rcls: float = TrainConfig.lambda_rcls,
+    lambda_fcls: float = TrainConfig.lambda_fcls,
+    lambda_rec: float = TrainConfig.lambda_rec,
+    lambda_cross: float = TrainConfig.lambda_cross,
+    lambda_u: float = TrainConfig.lambda_u,
+    lambda_shape: float = TrainConfig.lambda_shape,
+    lr_g: float = TrainConfig.lr_g,
+    lr_d: float = TrainConfig.lr_d,
+    checkpoint_every: int | None = None,
+    log_every: int = 10,
+    sample_every: int = 1,
+    compile: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[TrainProgress], None] | None = None,
+) -> TrainResult:
+    """Train TarGAN on ``data`` (a DATA folder) into the run folder ``out``; see the module docstring.
+
+    ``batch_size`` is per process. ``max_steps`` caps the total steps (over all epochs). Ctrl-C
+    stops after the current step with a checkpoint (``TrainResult.interrupted``); resuming needs
+    the same model, loss, batch, seed and process-count settings.
+    """
+    out = Path(out)
+    _check_options(epochs, batch_size, max_steps, workers, seed, checkpoint_every, log_every, sample_every)
+    try:
+        train_config = TrainConfig(
+            lambda_gp=lambda_gp, lambda_rcls=lambda_rcls, lambda_fcls=lambda_fcls, lambda_rec=lambda_rec,
+            lambda_cross=lambda_cross, lambda_u=lambda_u, lambda_shape=lambda_shape, lr_g=lr_g, lr_d=lr_d,
+            use_shape_controller=shape_controller, use_target_stream=target_stream,
+            use_crossing_loss=crossing_loss)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    resume_from = _check_run_dir(out, resume, overwrite)
+    data_dir = open_data_dir(data)
+    model_config = model_preset(preset, num_modalities=len(data_dir.spec.modalities),
+                                **({} if image_size is None else {"image_size": image_size}))
+    processes = _Processes.from_env()
+    torch_device, owns_group = _start_processes(processes, device)
+    try:
+        dtype = check_precision(precision, torch_device)
+        return _run(data_dir, out, processes, torch_device, dtype, model_config, train_config, preset,
+                    epochs=epochs, batch_size=batch_size, max_steps=max_steps, resume_from=resume_from,
+                    seed=seed, workers=workers, checkpoint_every=checkpoint_every, log_every=log_every,
+                    sample_every=sample_every, compile=compile, overwrite=overwrite, progress=progress)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _load_data(data_dir: DataDir, image_size: int, processes: _Processes,
+               progress: Callable[[TrainProgress], None] | None) -> tuple[SliceSet, SliceSet]:
+    """Training slices and the held-out slices for samples (test split, or train without one).
+
+    Rank 0 builds the slice cache first; the other ranks then read it.
+    """
+    has_test = bool(data_dir.cases("test"))
+    total = len(data_dir.cases("train")) + (len(data_dir.cases("test")) if has_test else 0)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(TrainProgress("prepare", done, total))
+
+    def load() -> tuple[SliceSet, SliceSet]:
+        main = processes.is_main
+        slices = load_slices(data_dir, "train", image_size, progress=advance if main else None)
+        held_out = load_slices(data_dir, "test", image_size, progress=advance if main else None) if has_test else slices
+        return slices, held_out
+
+    if processes.is_main:
+        loaded = load()
+        processes.barrier()
+    else:
+        processes.barrier()
+        loaded = load()
+    return loaded
+
+
+def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.device, dtype: torch.dtype | None,
+         model_config: ModelConfig, train_config: TrainConfig, preset: str, *, epochs: int, batch_size: int,
+         max_steps: int | None, resume_from: Path | None, seed: int, workers: int,
+         checkpoint_every: int | None, log_every: int, sample_every: int, compile: bool, overwrite: bool,
+         progress: Callable[[TrainProgress], None] | None) -> TrainResult:
+    main = processes.is_main
+    report = progress if main else None
+    slices, held_out = _load_data(data_dir, model_config.image_size, processes, report)
+    settings = {"preset": preset, "model": model_config.to_dict(), "train": train_config.to_dict(),
+                "batch_size": batch_size, "seed": seed, "world_size": processes.world_size, "slices": len(slices)}
+    checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
+    if checkpoint is not None:
+        _check_resume_settings(checkpoint["settings"], settings, resume_from)
+    if main and overwrite and checkpoint is None:
+        _clear_run_dir(out)
+    processes.barrier()
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+    trainer = Trainer(TarGAN(model_config, train_config), train_config, device, precision=dtype, compile=compile)
+    step = epoch = batch_in_epoch = 0
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint["trainer"])
+        step, epoch, batch_in_epoch = checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"]
+        _restore_rng(checkpoint["rng"], device)
+    trainer.broadcast_state()
+    resumed_from = step if checkpoint is not None else None
+    del checkpoint
+
+    batches_per_epoch = len(epoch_batches(len(slices), batch_size, seed, 0, processes.rank, processes.world_size))
+    total_steps = epochs * batches_per_epoch if max_steps is None else min(max_steps, epochs * batches_per_epoch)
+    weights_config = WeightsConfig(model=model_config, modalities=slices.modalities, preset=preset,
+                                   target=data_dir.spec.target)
+    dataset = SliceDataset(slices)
+    log = _MetricsLog(out, resumed_from) if main else None
+    samples = _Samples(held_out) if main and sample_every else None
+    (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    last_checkpoint = out / CHECKPOINTS / LAST_CHECKPOINT
+    saved_step = step if resumed_from is not None else None
+    losses: dict[str, float] = {}
+
+    def save(periodic: bool) -> None:
+        """last.pt and export/ (once per step), plus step_XXXXXXX.pt when ``periodic``; rank 0 writes."""
+        nonlocal saved_step
+        if main and saved_step != step:
+            state = {"format_version": CHECKPOINT_FORMAT, "settings": settings, "trainer": trainer.state_dict(),
+                     "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": _rng_state(device),
+                     "data": str(data_dir.root.resolve()), "modalities": [m.to_dict() for m in slices.modalities]}
+            _save_checkpoint(last_checkpoint, state)
+            provenance = {"data": str(data_dir.root.resolve()), "steps": step, "epochs": epoch,
+                          "seed": seed, "package_version": __version__,
+                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                          "train_config": train_config.to_dict()}
+            save_weights(out / EXPORT, trainer.model.ema_generator,
+                         dataclasses.replace(weights_config, provenance=provenance), overwrite=True)
+        if main and periodic:
+            with atomic_output(out / CHECKPOINTS / f"step_{step:07d}.pt", overwrite=True) as temporary:
+                shutil.copyfile(last_checkpoint, temporary)
+        saved_step = step
+        processes.barrier()
+
+    stop = _StopRequest()
+    interrupted = False
+    started = last_log_time = time.perf_counter()
+    started_step = last_log_step = step
+    try:
+        with stop.installed():
+            while epoch < epochs and step < total_steps and not interrupted:
+                batches = epoch_batches(len(slices), batch_size, seed, epoch, processes.rank, processes.world_size)
+                loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[batch_in_epoch:],
+                                                     num_workers=workers, pin_memory=device.type == "cuda")
+                for batch in loader:  # the epoch's remaining batches
+                    terms = trainer.train_step(batch, step_generator(seed, processes.rank, step))
+                    step += 1
+                    batch_in_epoch += 1
+                    now = time.perf_counter()
+                    rate = (step - started_step) / (now - started) if now > started else None
+                    event_losses = None
+                    if main and (step % log_every == 0 or step == total_steps):
+                        values = torch.stack(list(terms.values())).tolist()  # one device sync per log
+                        losses = dict(zip(terms, values))
+                        window_rate = (step - last_log_step) / (now - last_log_time) if now > last_log_time else 0.0
+                        log.write({"step": step, "epoch": epoch + 1, "time": time.time(),
+                                   "steps_per_second": window_rate, **losses})
+                        last_log_time, last_log_step = now, step
+                        event_losses = losses
+                    if report is not None:
+                        eta = (total_steps - step) / rate if rate else None
+                        try:
+                            report(TrainProgress("train", step, total_steps, epoch + 1, epochs, event_losses,
+                                                 rate, eta))
+                        except KeyboardInterrupt:
+                            stop.request()
+                    if batch_in_epoch == len(batches):  # end of an epoch: samples, then a checkpoint
+                        epoch, batch_in_epoch = epoch + 1, 0
+                        if samples is not None and epoch % sample_every == 0:
+                            samples.write(out / SAMPLES / f"epoch_{epoch:03d}.png", trainer.model.ema_generator,
+                                          device)
+                        save(periodic=False)
+                    if checkpoint_every and step % checkpoint_every == 0:
+                        save(periodic=True)
+                    if stop.agreed(processes, device):
+                        interrupted = True
+                        break
+                    if step >= total_steps:
+                        break
+            save(periodic=False)  # inside the handlers: a Ctrl-C now does not abort the write
+    finally:
+        if log is not None:
+            log.close()
+    return TrainResult(
+        run_dir=out, export_dir=out / EXPORT, checkpoint=last_checkpoint, steps=step,
+        epochs_completed=epoch, interrupted=interrupted, resumed_from=resumed_from, losses=losses,
+        modalities=weights_config.modality_names, weights_digest=weights_digest(trainer.model), is_main_process=main)

@@ -82,3 +82,11 @@ def test_config_validation_names_the_value(overrides, message):
 def test_unknown_preset():
     with pytest.raises(TarganError, match="unknown preset 'huge'"):
         preset("huge")
+
+
+def test_picking_a_device_flushes_denormals_on_the_cpu():
+    from targan_cli.core.device import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    tiny = torch.tensor([1e-42], dtype=torch.float32)  # a denormal float32
+    assert (tiny * 1.0).item() == 0.0

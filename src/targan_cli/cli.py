@@ -282,7 +282,7 @@ def evaluate(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Evaluate translations (the paper's Table 1: FID, S-score; paired PSNR/SSIM/MAE) or segmentations (Table 2)."""
-    from targan_cli.console import console, metric_table, progress_bar, summary_cell
+    from targan_cli.console import console, evaluation_table, progress_bar
     from targan_cli.workflows.evaluate import evaluate as run_evaluation
 
     with progress_bar("Evaluating", total=None, unit="volumes") as advance:
@@ -291,9 +291,7 @@ def evaluate(
             inception_weights=inception_weights, predictions=pred or (), truth=truth, split=split, device=device,
             batch_size=batch_size, json_out=json_out, csv_out=csv_out, overwrite=overwrite, progress=advance,
             total_callback=lambda total: advance(0, total=total))
-    rows = [(model, [summary_cell(summary, column.digits) for summary, column in zip(summaries, result.columns)])
-            for model, summaries in result.rows]
-    console.print(metric_table(result.title, [column.label for column in result.columns], rows, result.best))
+    console.print(evaluation_table(result))
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
     for path in (json_out, csv_out):
@@ -355,6 +353,33 @@ def segment(
                          batch_size=batch_size, overwrite=overwrite)
     console.print(f"Wrote [bold]{result.output}[/] ({result.modality} liver: {result.liver_voxels:,} voxels, "
                   f"{result.liver_ml:.1f} mL, {result.seconds:.1f} s on {result.device})")
+
+
+@app.command()
+@handles_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes.")] = Path("targan-demo"),
+    device: DeviceOpt = "auto",
+    quick: Annotated[bool, typer.Option("--quick", help="A seconds-long smoke run (tiny data, a few steps).")] = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Run the whole pipeline offline on synthetic phantoms: data, training, translation, evaluation, report."""
+    from targan_cli.console import console, evaluation_table, progress_bar
+    from targan_cli.workflows.demo import DemoProgress, run_demo
+
+    with progress_bar("Demo", total=None) as advance:
+        def report(event: DemoProgress) -> None:
+            advance(0, description=event.stage, total=event.total, completed=event.done)
+
+        result = run_demo(out, device=device, quick=quick, overwrite=overwrite, progress=report)
+    console.print(evaluation_table(result.evaluation))
+    won = sum(result.wins.values())
+    verdict = "beats" if result.beats_baseline else "does not beat"
+    console.print(f"The demo model {verdict} the identity baseline ({won} of {len(result.wins)} columns).")
+    console.print(f"Report   [bold]{result.report}[/]")
+    console.print(f"Montage  [bold]{result.montage}[/]")
+    console.print(f"Metrics  [bold]{result.metrics}[/]")
+    console.print(f"Weights  [bold]{result.weights}[/]  ({result.seconds:.0f} s on {result.device})")
 
 
 @data_app.command("phantom")

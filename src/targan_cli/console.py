@@ -91,3 +91,21 @@ def summary_cell(summary: Any | None, digits: int = 4) -> str:
         text += f" ± {fixed(summary.std)}"
     extras = [f"{count} {what}" for count, what in ((summary.missing, "n/a"), (summary.infinite, "inf")) if count]
     return f"{text} ({', '.join(extras)})" if extras else text
+
+
+def evaluation_table(result: Any, max_columns: int = 6) -> Table:
+    """The table of a ``workflows.evaluate.EvaluationResult``, best cells marked: one row per model
+    (the paper's layout), or, past ``max_columns`` metric columns, one row per metric column."""
+    cells = [[summary_cell(summary, column.digits) for summary, column in zip(summaries, result.columns)]
+             for _, summaries in result.rows]
+    labels = [column.label for column in result.columns]
+    if len(labels) <= max_columns:
+        return metric_table(result.title, labels, list(zip(result.models, cells)), result.best)
+    table = Table(title=result.title, title_justify="left")
+    table.add_column("", style="bold")
+    for model in result.models:
+        table.add_column(model, justify="right")
+    for index, label in enumerate(labels):
+        table.add_row(label, *[f"[bold green]{row[index]}[/]" if result.best[index] == model else row[index]
+                               for model, row in enumerate(cells)])
+    return table

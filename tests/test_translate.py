@@ -173,11 +173,32 @@ def test_dicom_ct_series_without_a_ct_modality_in_the_weights(tmp_path: Path, ct
         translate(series, tmp_path / "out.nii.gz", to="t2w", weights=mr_only, device="cpu")
 
 
-def test_nifti_without_from_needs_it_when_several_sources_are_possible(tmp_path: Path, weights: Path,
-                                                                       ct_canonical: np.ndarray) -> None:
+def test_nifti_without_from_is_taken_as_ct_from_hounsfield_units(tmp_path: Path, weights: Path,
+                                                                  ct_canonical: np.ndarray) -> None:
     source = _ct_file(tmp_path, ct_canonical)
+    inferred = translate(source, tmp_path / "a.nii.gz", to="t2w", weights=weights, device="cpu").outputs[0]
+    explicit = translate(source, tmp_path / "b.nii.gz", to="t2w", source="ct", weights=weights,
+                         device="cpu").outputs[0]
+    assert np.array_equal(np.asarray(nib.load(inferred).dataobj), np.asarray(nib.load(explicit).dataobj))
+
+
+def test_nifti_mr_without_from_leaves_the_target_out(tmp_path: Path, weights: Path,
+                                                     ct_canonical: np.ndarray) -> None:
+    mr = _ct_file(tmp_path, np.clip(ct_canonical + 200, 0, None), name="mr.nii.gz")
+    inferred = translate(mr, tmp_path / "a.nii.gz", to="t2w", weights=weights, device="cpu").outputs[0]
+    explicit = translate(mr, tmp_path / "b.nii.gz", to="t2w", source="t1w", weights=weights,
+                         device="cpu").outputs[0]
+    assert np.array_equal(np.asarray(nib.load(inferred).dataobj), np.asarray(nib.load(explicit).dataobj))
+    with pytest.raises(UsageError, match="values look like MR, which fits several modalities of these "
+                                         "weights: pass --from with one of t1w, t2w"):
+        translate(mr, tmp_path / "c.nii.gz", to="ct", weights=weights, device="cpu")
+
+
+def test_nifti_without_from_needs_it_when_the_values_do_not_tell(tmp_path: Path, weights: Path,
+                                                                 ct_canonical: np.ndarray) -> None:
+    scaled = _ct_file(tmp_path, np.clip(ct_canonical / 1000.0, -1, 1).astype(np.float32))
     with pytest.raises(UsageError, match="pass --from with the input's modality, one of t1w, t2w, ct"):
-        translate(source, tmp_path / "out.nii.gz", to="t2w", weights=weights, device="cpu")
+        translate(scaled, tmp_path / "out.nii.gz", to="t2w", weights=weights, device="cpu")
 
 
 def test_nifti_without_from_takes_the_only_other_modality(tmp_path: Path, ct_canonical: np.ndarray) -> None:

@@ -47,7 +47,7 @@ def normalize(slices: np.ndarray, settings: IntensitySettings) -> np.ndarray:
     values = np.asarray(slices, dtype=np.float32)
     if settings.kind == "ct":
         low, high = settings.window
-        unit = (np.clip(values, low, high) - low) / (high - low)
+        unit = np.clip((values - low) / (high - low), 0.0, 1.0)  # clip last: rounding cannot leave [0, 1]
     elif settings.scaling == "volume":
         unit = np.clip(values / robust_high(values, settings), 0.0, 1.0)
     else:
@@ -126,3 +126,14 @@ def _official_slice_scaling(values: np.ndarray, noise_floor: float) -> np.ndarra
     low = values.min(axis=(1, 2), keepdims=True)
     span = values.max(axis=(1, 2), keepdims=True) - low
     return np.divide(values - low, span, out=np.zeros_like(values), where=span > 0)
+
+
+def guess_kind(values: np.ndarray) -> str | None:
+    """"ct" for Hounsfield units (air about -1000: over 1 % of the voxels below -500), "mr" for
+    non-negative values, None when neither fits (e.g. a volume already scaled to [-1, 1])."""
+    flat = np.asarray(values).ravel()
+    if flat.size == 0:
+        return None
+    if np.count_nonzero(flat < -500) > 0.01 * flat.size:
+        return "ct"
+    return "mr" if flat.min() >= 0 else None

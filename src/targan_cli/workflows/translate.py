@@ -18,7 +18,7 @@ import torch
 from targan_cli.config import WeightsConfig
 from targan_cli.core.device import check_precision, pick_device
 from targan_cli.core.inference import generator_device, translate_slices
-from targan_cli.core.intensity import denormalize, normalize
+from targan_cli.core.intensity import denormalize, guess_kind, normalize
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import check_writable
 from targan_cli.io.montage import save_montage
@@ -62,22 +62,29 @@ def _modalities(config: WeightsConfig) -> str:
 
 
 def infer_source(config: WeightsConfig, volume: Volume, source: str | None, target: str) -> str:
-    """The input's modality name: ``source`` (--from) if given, else from the DICOM Modality tag,
-    else the weights' only modality other than ``target``; otherwise a usage error listing names.
+    """The input's modality name: ``source`` (--from) if given; else the weights' only modality of
+    the input's kind (CT or MR: the DICOM Modality tag, or for NIfTI the values: Hounsfield units
+    are CT, non-negative values MR), leaving ``target`` out when that decides it; else the weights'
+    only modality other than ``target``. Otherwise a usage error listing the names.
     """
     if source is not None:
         config.modality_index(source)
         return source
-    if volume.modality is not None:
-        kind = volume.modality.lower()
+    kind = volume.modality.lower() if volume.modality is not None else guess_kind(volume.array)
+    where = f"the DICOM series is {volume.modality}" if volume.modality is not None else (
+        f"the values look like {kind.upper()}" if kind is not None else "")
+    if kind is not None:
         names = [m.name for m in config.modalities if m.intensity.kind == kind]
+        if len(names) > 1:
+            names = [name for name in names if name != target]
         if len(names) == 1:
             return names[0]
-        if not names:
-            raise UsageError(f"the DICOM series is {volume.modality} but these weights have no "
-                             f"{volume.modality} modality (they know {_modalities(config)})", volume.source)
-        raise UsageError(f"the DICOM series is {volume.modality}, which fits several modalities of these "
-                         f"weights: pass --from with one of {', '.join(names)}", volume.source)
+        if not names and volume.modality is not None:
+            raise UsageError(f"{where} but these weights have no {volume.modality} modality "
+                             f"(they know {_modalities(config)})", volume.source)
+        if len(names) > 1:
+            raise UsageError(f"{where}, which fits several modalities of these weights: pass --from "
+                             f"with one of {', '.join(names)}", volume.source)
     others = [name for name in config.modality_names if name != target]
     if len(others) == 1:
         return others[0]

@@ -15,6 +15,7 @@ keyed by a hash of the input files and every setting that shapes the slices.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -238,8 +239,15 @@ def load_slices(data: DataDir, split: str, image_size: int, cache_dir: Path | No
     folder = cache_root / f"slices-{split}-{digest}"
     cached = _open_cache(folder, digest)
     if cached is None:
-        with atomic_output(folder, overwrite=folder.exists(), is_dir=True) as temporary:
-            _build_cache(temporary, data, cases, image_size, digest, progress)
+        new_cache_root = not cache_root.exists()
+        try:
+            with atomic_output(folder, overwrite=folder.exists(), is_dir=True) as temporary:
+                _build_cache(temporary, data, cases, image_size, digest, progress)
+        except BaseException:
+            if new_cache_root:  # a failed first build leaves the DATA folder as it was
+                with contextlib.suppress(OSError):
+                    cache_root.rmdir()
+            raise
         cached = _open_cache(folder, digest)
         if cached is None:
             raise TarganError("the slice cache just written cannot be read back", folder)
@@ -373,6 +381,15 @@ def _label_slices(path: Path, image: Volume) -> np.ndarray:
             f"image {image.source} (shape {image.shape}, voxel size {_rounded(image.spacing)} mm); "
             "a label must be on the image's voxel grid", path)
     slices, _ = to_slices(label)
+    foreground = slices[slices != 0]
+    if foreground.size and foreground.min() != foreground.max():
+        # Several structures (CHAOS MR ground truth also marks the kidneys and the spleen) would
+        # silently merge into one target.
+        values = np.unique(foreground)
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (" ..." if values.size > 6 else "")
+        raise TarganError(f"holds {values.size} different non-zero values ({shown}); a target label has one "
+                          "(0 background, anything else target). `targan data import-chaos` writes such labels",
+                          path)
     return (slices != 0).astype(np.uint8)
 
 

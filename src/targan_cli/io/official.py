@@ -9,6 +9,7 @@ runs). The official network is this project's ``paper`` preset with the modaliti
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,17 +63,26 @@ def convert_official_state_dict(state: dict[str, torch.Tensor], config: ModelCon
     return converted
 
 
+def _load_failure(error: Exception) -> str:
+    """The specific line of a ``torch.load`` failure (weights-only refusals wrap it in boilerplate)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    specific = [line for line in lines if not line.startswith(boilerplate)]
+    return (specific or lines or [type(error).__name__])[0]
+
+
 def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read an official ``netG_*.pkl`` with ``torch.load(weights_only=True)``: tensors only."""
     path = Path(path)
     if not path.is_file():
         raise TarganError("file not found" if not path.exists() else "not a file", path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and weights-only refusals all mean "not a state dict"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TarganError(f"not a PyTorch state dict that loads safely (weights_only): {reason[:200]}",
-                          path) from None
+        raise TarganError(f"not a PyTorch state dict of plain tensors; torch.load(weights_only=True) refused it "
+                          f"without running any of its code ({_load_failure(error)[:200]})", path) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state or not all(

@@ -279,19 +279,27 @@ def _describe(settings: dict[str, Any]) -> str:
             f"weights {'sha256 ' + str(sha256)[:12] if sha256 else 'none'}")
 
 
-def _prepare_folder(folder: Path, settings: dict[str, Any], overwrite: bool) -> None:
-    """Check an existing dataset against this run's settings; with ``overwrite`` clear one made otherwise."""
+def _made_otherwise(folder: Path, settings: dict[str, Any], overwrite: bool) -> bool:
+    """Whether an existing dataset was made with other settings than this run's (then its cases are
+    replaced, which needs ``overwrite``); writes nothing."""
     existing = _dataset_files(folder) if folder.is_dir() else []
     recorded = _read_settings(folder / SETTINGS_FILE)
-    if existing and recorded != settings:
-        if not overwrite:
-            if recorded is None:
-                reason = f"holds case files but no {SETTINGS_FILE}, so it was not made by `targan enrich`"
-            else:
-                reason = f"was made with other settings ({_describe(recorded)}) than this run ({_describe(settings)})"
-            raise TarganError(f"{reason}; pass --overwrite to replace its cases, or choose another --dataset-id",
-                              folder)
-        _remove([*existing, folder / DATASET_JSON])
+    if not existing or recorded == settings:
+        return False
+    if not overwrite:
+        if recorded is None:
+            reason = f"holds case files but no {SETTINGS_FILE}, so it was not made by `targan enrich`"
+        else:
+            reason = f"was made with other settings ({_describe(recorded)}) than this run ({_describe(settings)})"
+        raise TarganError(f"{reason}; pass --overwrite to replace its cases, or choose another --dataset-id",
+                          folder)
+    return True
+
+
+def _prepare_folder(folder: Path, settings: dict[str, Any], clear: bool) -> None:
+    """Create the dataset's folders and settings file; ``clear`` removes the cases of other settings."""
+    if clear:
+        _remove([*_dataset_files(folder), folder / DATASET_JSON])
     for sub in (IMAGES_TR, LABELS_TR):
         try:
             (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -449,8 +457,18 @@ def enrich(
     channels = channel_names(source, synthetic, _source_is_ct(source, loaded, found.intensity))
     weights_sha256 = _sha256(loaded.folder / WEIGHTS_FILE) if loaded is not None else None
     settings = _settings(source, channels, weights_sha256)
-    _prepare_folder(folder, settings, overwrite)
-    _move_between_splits(folder, found.cases, overwrite)
+    clear = _made_otherwise(folder, settings, overwrite)
+    moves = _split_moves(folder, found.cases, overwrite)
+    prepared = False
+
+    def prepare() -> None:
+        """Create or clean the dataset folder once, when the first case is ready to be written: an
+        input that fails before then leaves no trace in the output."""
+        nonlocal prepared
+        if not prepared:
+            _prepare_folder(folder, settings, clear)
+            _remove(moves)
+            prepared = True
 
     if total_callback is not None:
         total_callback(len(found.cases))
@@ -460,10 +478,11 @@ def enrich(
         if not overwrite and all(path.is_file() for path in files):
             skipped.append(case.case_id)
         else:
-            _write_case(case, files, source, synthetic, loaded, dtype, batch_size)
+            _write_case(case, files, source, synthetic, loaded, dtype, batch_size, prepare)
             written.append(case.case_id)
         if progress is not None:
             progress(1)
+    prepare()  # also when every case was complete: removes a killed run's temporaries
 
     training = len(_identifiers(folder / IMAGES_TR))
     _write_json(folder / DATASET_JSON, _dataset_json(name, settings, synthetic, loaded,
@@ -476,9 +495,10 @@ def enrich(
                         len(_identifiers(folder / IMAGES_TS)))
 
 
-def _move_between_splits(folder: Path, cases: tuple[EnrichCase, ...], overwrite: bool) -> None:
-    """A case already in the other split (it had a label, now has none, or the reverse) is removed
-    from there with ``overwrite``; without, that is an error before any case is written."""
+def _split_moves(folder: Path, cases: tuple[EnrichCase, ...], overwrite: bool) -> list[Path]:
+    """The files of cases already in the other split (they had a label, now have none, or the
+    reverse), to remove with ``overwrite``; without, they are an error before any case is written."""
+    moves = []
     for case in cases:
         leftovers = _other_split_files(folder, case)
         if leftovers and not overwrite:
@@ -486,18 +506,27 @@ def _move_between_splits(folder: Path, cases: tuple[EnrichCase, ...], overwrite:
             now = "has none" if case.label is None else f"has {case.label}"
             raise TarganError(f"case {case.case_id!r} is already in the dataset {where}, but now {now}; pass "
                               "--overwrite to move it", leftovers[0])
-        _remove(leftovers)
+        moves += leftovers
+    return moves
 
 
 def _write_case(case: EnrichCase, files: list[Path], source: str, synthetic: tuple[str, ...],
-                weights: Weights | None, dtype: torch.dtype | None, batch_size: int) -> None:
-    """Write every file of a case; the label is read (and checked) before any translation."""
+                weights: Weights | None, dtype: torch.dtype | None, batch_size: int,
+                before_writing: Callable[[], None]) -> None:
+    """Write every file of a case. The image and label are read and checked, and the first
+    translation made (it fails on a blank MR volume), before ``before_writing()`` and any file."""
+
+    def translation(target: str) -> np.ndarray:
+        return translate_volume(volume, weights, source, target, batch_size=batch_size, dtype=dtype).array
+
     volume = read_volume(case.image)
     mask = _read_label(case.label, volume) if case.label is not None else None
+    pending = [translation(synthetic[0])] if synthetic else []
+    before_writing()
     write_volume(files[0], volume, overwrite=True)
     for channel, target in enumerate(synthetic, start=1):
-        translated = translate_volume(volume, weights, source, target, batch_size=batch_size, dtype=dtype)
-        write_volume(files[channel], volume.with_array(translated.array), overwrite=True)
+        array = pending.pop() if pending else translation(target)
+        write_volume(files[channel], volume.with_array(array), overwrite=True)
     if mask is not None:
         write_volume(files[-1], volume.with_array(mask), label=True, overwrite=True)
 

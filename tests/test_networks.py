@@ -84,9 +84,9 @@ def test_unknown_preset():
         preset("huge")
 
 
-def test_picking_a_device_flushes_denormals_on_the_cpu():
-    from targan_cli.core.device import pick_device
+def test_the_process_setup_flushes_denormals_on_the_cpu():
+    from targan_cli.core.device import configure_process
 
-    assert pick_device("cpu").type == "cpu"
+    configure_process()
     tiny = torch.tensor([1e-42], dtype=torch.float32)  # a denormal float32
     assert (tiny * 1.0).item() == 0.0

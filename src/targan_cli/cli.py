@@ -38,12 +38,15 @@ PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp
 
 
 def handles_errors(function: Callable) -> Callable:
-    """Turn TarganError into one line on stderr and its exit code; Ctrl-C into exit code 130."""
+    """Set up the process for fast CPU math, then run the command; turn TarganError into one line
+    on stderr and its exit code, Ctrl-C into exit code 130."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         from targan_cli.console import print_error
+        from targan_cli.core.device import configure_process
 
+        configure_process()  # before torch starts its threads
         try:
             return function(*args, **kwargs)
         except TarganError as error:

@@ -412,13 +412,6 @@ def _import_chaos(c: Corpus, bad: Path, out: Path) -> list[str]:
     return ["data", "import-chaos", str(bad), str(out / "data")]
 
 
-_KNOWN_GAPS: dict[tuple[str, str], str] = {
-    ("evaluate-dice", "label_several_values"):
-        "workflows/evaluate.py counts every non-zero voxel as liver, so a multi-structure mask (CHAOS MR "
-        "ground truth: liver 63, kidneys 126/189, spleen 252) is scored as one organ; enrich and train refuse it",
-}
-
-
 def _cases() -> list:
     groups: list[tuple[str, Build, str, tuple[str, ...]]] = [
         ("translate", _translate, "volumes", VOLUME_NAMES),
@@ -441,10 +434,7 @@ def _cases() -> list:
     cases = []
     for command, build, kind, names in groups:
         for name in names:
-            marks = []
-            if (command, name) in _KNOWN_GAPS:
-                marks.append(pytest.mark.xfail(reason=_KNOWN_GAPS[(command, name)], strict=True))
-            cases.append(pytest.param(build, kind, name, id=f"{command}-{name}", marks=marks))
+            cases.append(pytest.param(build, kind, name, id=f"{command}-{name}"))
     return cases
 
 

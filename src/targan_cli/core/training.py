@@ -118,8 +118,13 @@ def derived_generator(*keys: int) -> torch.Generator:
 
 
 def _adam(parameters: Iterable[nn.Parameter], lr: float, betas: tuple[float, float],
-          device: torch.device) -> torch.optim.Adam:
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+          device: torch.device, fused: bool) -> torch.optim.Adam:
+    """Adam; ``fused``: one kernel over all parameters on the CPU and CUDA (on the CPU it runs 2.5x
+    faster than the per-tensor loop: one pass over the ~125 M parameters of a paper-preset run
+    instead of one per operation), multi-tensor elsewhere; else torch's default implementation."""
+    if not fused:
+        return torch.optim.Adam(parameters, lr=lr, betas=betas)
+    fast = {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
     return torch.optim.Adam(parameters, lr=lr, betas=betas, **fast)
 
 
@@ -149,6 +154,8 @@ class Trainer:
     """Optimizers and the two training steps for a ``TarGAN`` bundle on one device.
 
     ``precision`` is an autocast dtype (None: fp32); fp16 uses a GradScaler per backward pass.
+    ``fused_optimizers=False`` uses torch.optim.Adam's default implementation, as the official
+    code does (the benchmark's literal reference).
     Under an initialised torch.distributed process group the gradients are averaged across ranks
     before every optimizer step (the discriminator step's double backward rules out the
     DistributedDataParallel wrapper).
@@ -156,7 +163,7 @@ class Trainer:
 
     def __init__(self, model: TarGAN, config: TrainConfig, device: torch.device,
                  precision: torch.dtype | None = None, channels_last: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, fused_optimizers: bool = True):
         self.config = config
         self.device = device
         self.precision = precision
@@ -165,14 +172,11 @@ class Trainer:
         self.model = model.to(device, memory_format=self.memory_format)
         self.num_modalities = model.model_config.num_modalities
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        networks = {"generator": (model.generator, config.lr_g), "disc_x": (model.disc_x, config.lr_d),
+                    "disc_r": (model.disc_r, config.lr_d), "shape": (model.shape, config.lr_g)}
         self.optimizers: dict[str, torch.optim.Optimizer] = {
-            "generator": _adam(model.generator.parameters(), config.lr_g, config.betas, device),
-            "disc_x": _adam(model.disc_x.parameters(), config.lr_d, config.betas, device),
-        }
-        if model.disc_r is not None:
-            self.optimizers["disc_r"] = _adam(model.disc_r.parameters(), config.lr_d, config.betas, device)
-        if model.shape is not None:
-            self.optimizers["shape"] = _adam(model.shape.parameters(), config.lr_g, config.betas, device)
+            name: _adam(network.parameters(), lr, config.betas, device, fused_optimizers)
+            for name, (network, lr) in networks.items() if network is not None}
         fp16 = precision == torch.float16
         self.scalers = {name: torch.amp.GradScaler(device.type, enabled=fp16) for name in ("disc", "gen")}
         # Compiled forwards share the parameters; the discriminators stay eager (the gradient

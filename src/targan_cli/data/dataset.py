@@ -34,7 +34,7 @@ from targan_cli.core.intensity import (BODY_MIN_FRACTION, BODY_THRESHOLD, body_m
 from targan_cli.core.slicing import plane_fit, to_model
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import atomic_output
-from targan_cli.io.volume import NIFTI_SUFFIXES, Volume, case_id, read_volume, to_slices
+from targan_cli.io.volume import NIFTI_SUFFIXES, case_id, read_label, read_volume, to_slices
 
 SPLITS = ("train", "test")
 DATASET_JSON = "dataset.json"
@@ -44,7 +44,6 @@ IMAGES, LABELS, PAIRED = "images", "labels", "paired"
 # Case ids become output file names: a letter or digit first, then no spaces or path characters.
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 # Label grids may differ by float rounding of the affine (float32 NIfTI headers), not more.
-_AFFINE_TOLERANCE_MM = 1e-3
 _SLICE_ARRAYS = {"images": np.float32, "labels": np.uint8, "bodies": np.uint8}  # each (M, S, S)
 _CACHE_ARRAYS = (*_SLICE_ARRAYS, "modality", "case_index")
 
@@ -362,7 +361,7 @@ def _preprocess_case(case: Case, settings: IntensitySettings, image_size: int,
     except TarganError as error:
         raise TarganError(error.message, case.image) from None
     if case.label is not None:
-        label_slices = _label_slices(case.label, volume)
+        label_slices = to_slices(read_label(case.label, volume))[0].astype(np.uint8)
     else:
         label_slices = np.zeros(slices.shape, dtype=np.uint8)
     fit = plane_fit(slices.shape[1], slices.shape[2], image_size)
@@ -370,31 +369,6 @@ def _preprocess_case(case: Case, settings: IntensitySettings, image_size: int,
     label = to_model(torch.from_numpy(label_slices)[:, None], fit, fill=0, mode="nearest")
     image = image[:, 0].clamp_(-1.0, 1.0).numpy().astype(np.float32, copy=False)  # (Z, S, S)
     return image, label[:, 0].numpy().astype(np.uint8, copy=False), high
-
-
-def _label_slices(path: Path, image: Volume) -> np.ndarray:
-    """A target mask as canonical slices (Z, H, W) uint8 0/1 (non-zero = target), on the image's grid."""
-    label = read_volume(path)
-    if label.shape != image.shape or not np.allclose(label.affine, image.affine, atol=_AFFINE_TOLERANCE_MM):
-        raise TarganError(
-            f"label grid (shape {label.shape}, voxel size {_rounded(label.spacing)} mm) differs from its "
-            f"image {image.source} (shape {image.shape}, voxel size {_rounded(image.spacing)} mm); "
-            "a label must be on the image's voxel grid", path)
-    slices, _ = to_slices(label)
-    foreground = slices[slices != 0]
-    if foreground.size and foreground.min() != foreground.max():
-        # Several structures (CHAOS MR ground truth also marks the kidneys and the spleen) would
-        # silently merge into one target.
-        values = np.unique(foreground)
-        shown = ", ".join(f"{v:g}" for v in values[:6]) + (" ..." if values.size > 6 else "")
-        raise TarganError(f"holds {values.size} different non-zero values ({shown}); a target label has one "
-                          "(0 background, anything else target). `targan data import-chaos` writes such labels",
-                          path)
-    return (slices != 0).astype(np.uint8)
-
-
-def _rounded(values: tuple[float, ...]) -> list[float]:
-    return [round(v, 3) for v in values]
 
 
 class SliceDataset(torch.utils.data.Dataset):

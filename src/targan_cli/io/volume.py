@@ -433,6 +433,42 @@ def _output_array(array: np.ndarray, label: bool) -> np.ndarray:
 # ----------------------------------------------------------------------------- orientation
 
 
+GRID_TOLERANCE_MM = 1e-3  # two files on one voxel grid may differ by header rounding only
+
+
+def _grid(volume: Volume) -> str:
+    return f"shape {volume.shape}, voxel size {[round(v, 3) for v in volume.spacing]} mm"
+
+
+def read_on_grid(path: str | Path, image: Volume, what: str = "label") -> Volume:
+    """Read a volume that must lie on ``image``'s voxel grid (a label, a paired rendering, a
+    prediction); another grid is a TarganError naming both files."""
+    volume = read_volume(path)
+    if volume.shape != image.shape or not np.allclose(volume.affine, image.affine, rtol=0,
+                                                      atol=GRID_TOLERANCE_MM):
+        raise TarganError(f"{what} grid ({_grid(volume)}) differs from its image {image.source} ({_grid(image)}); "
+                          f"a {what} must be on its image's voxel grid", path)
+    return volume
+
+
+def read_label(path: str | Path, image: Volume | None = None, what: str = "label") -> Volume:
+    """A target mask as uint8 0/1 (any non-zero voxel is target), on ``image``'s grid if given.
+
+    Several different non-zero values mean several structures (CHAOS MR ground truth also marks
+    the kidneys and the spleen), which one binary target would silently merge: refused.
+    """
+    label = read_on_grid(path, image, what) if image is not None else read_volume(path)
+    mask = label.array != 0
+    foreground = label.array[mask]
+    if foreground.size and foreground.min() != foreground.max():
+        values = np.unique(foreground)
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (" ..." if values.size > 6 else "")
+        raise TarganError(f"holds {values.size} different non-zero values ({shown}); a target label has one "
+                          "(0 background, anything else target). `targan data import-chaos` writes such labels",
+                          path)
+    return label.with_array(mask.astype(np.uint8))
+
+
 @dataclass(frozen=True)
 class SliceFrame:
     """How a volume's voxel order maps to canonical slices, to invert ``to_slices`` exactly."""

@@ -38,7 +38,8 @@ from targan_cli.core.device import check_precision, pick_device
 from targan_cli.data.dataset import IMAGES, SPLITS, open_data_dir
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import atomic_output
-from targan_cli.io.volume import NIFTI_SUFFIXES, Volume, case_id, list_volumes, read_volume, write_volume
+from targan_cli.io.volume import (NIFTI_SUFFIXES, case_id, list_volumes, read_label, read_volume,
+                                  write_volume)
 from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights
 from targan_cli.workflows.translate import translate_volume
 
@@ -59,7 +60,6 @@ _DATASET_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(FILE_ENDING) + r"$")
 _TEMPORARY = re.compile(r"^\..*\.tmp-")  # atomic_output's temporaries, left behind by a killed run
 # Label and image grids may differ by float rounding of the affine (float32 NIfTI headers).
-_GRID_TOLERANCE_MM = 1e-3
 # Geometry tolerances of nnU-Net's check_cases (np.allclose defaults).
 _RTOL, _ATOL = 1e-5, 1e-8
 
@@ -173,29 +173,6 @@ def _label_files(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise TarganError("not a folder" if folder.exists() else "labels folder not found", folder)
     return {case_id(path): path for path in list_volumes(folder)}
-
-
-def _read_label(path: Path, image: Volume) -> np.ndarray:
-    """A liver mask on ``image``'s grid as uint8 0/1: any non-zero voxel is liver.
-
-    Several different non-zero values mean several structures (CHAOS MR ground truth marks the
-    kidneys and the spleen too), which a binary liver label would silently merge: refused.
-    """
-    label = read_volume(path)
-    if label.shape != image.shape or not np.allclose(label.affine, image.affine, rtol=0, atol=_GRID_TOLERANCE_MM):
-        raise TarganError(
-            f"label grid (shape {label.shape}, voxel size {np.round(label.spacing, 3).tolist()} mm) differs "
-            f"from the grid of its image {image.source} (shape {image.shape}, voxel size "
-            f"{np.round(image.spacing, 3).tolist()} mm); a label must be on its image's voxel grid", path)
-    mask = label.array != 0
-    foreground = label.array[mask]
-    if foreground.size and foreground.min() != foreground.max():
-        values = np.unique(foreground)
-        shown = ", ".join(f"{v:g}" for v in values[:6]) + (" ..." if values.size > 6 else "")
-        raise TarganError(f"holds {values.size} different non-zero values ({shown}); a liver label has one "
-                          "(0 background, anything else liver). `targan data import-chaos` writes such labels",
-                          path)
-    return mask.astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- output files
@@ -520,7 +497,7 @@ def _write_case(case: EnrichCase, files: list[Path], source: str, synthetic: tup
         return translate_volume(volume, weights, source, target, batch_size=batch_size, dtype=dtype).array
 
     volume = read_volume(case.image)
-    mask = _read_label(case.label, volume) if case.label is not None else None
+    mask = read_label(case.label, volume).array if case.label is not None else None
     pending = [translation(synthetic[0])] if synthetic else []
     before_writing()
     write_volume(files[0], volume, overwrite=True)

@@ -42,9 +42,9 @@ from targan_cli.data.dataset import Case, DataDir, open_data_dir
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import atomic_output, check_writable
 from targan_cli.io.features import inception_features, load_torchscript_features
-from targan_cli.io.volume import Volume, case_id, list_volumes, read_volume, to_slices
+from targan_cli.io.volume import Volume, case_id, list_volumes, read_label, read_on_grid, read_volume, to_slices
 from targan_cli.io.weights import DEFAULT_REPO, WEIGHTS_ENV, Weights, load_weights
-from targan_cli.workflows.segment import (Segmenter, label_slices, load_segmenter, read_on_grid,
+from targan_cli.workflows.segment import (Segmenter, label_slices, load_segmenter,
                                           segment_stored_slices)
 
 TRANSLATION_METRICS = ("fid", "sscore", "psnr", "ssim", "mae")
@@ -59,7 +59,6 @@ PAIRED_REGIONS = ("body", "liver")
 DATA_RANGE = 2.0  # paired metrics compare images in the model range [-1, 1]
 BACKGROUND = -1.0
 _RESIZE_CHUNK = 64  # slices resized at once: bounds memory for 512 x 512 CT volumes
-_AFFINE_TOLERANCE_MM = 1e-3
 
 Progress = Callable[[int], None]
 SliceTranslator = Callable[[Case, np.ndarray, str, str], np.ndarray]
@@ -458,13 +457,9 @@ def evaluate_models(data: DataDir, models: Sequence[EvaluatedModel], metrics: Se
 
 
 def _read_pair(prediction: Path, truth: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A prediction and its ground truth as arrays, checked to share one voxel grid."""
-    truth_volume, predicted = read_volume(truth), read_volume(prediction)
-    if predicted.shape != truth_volume.shape or not np.allclose(predicted.affine, truth_volume.affine,
-                                                                atol=_AFFINE_TOLERANCE_MM):
-        raise TarganError(f"prediction grid (shape {predicted.shape}) differs from the ground truth {truth} "
-                          f"(shape {truth_volume.shape}); both must be on one voxel grid", prediction)
-    return predicted.array, truth_volume.array
+    """A predicted mask and its ground truth as 0/1 arrays, checked to share one voxel grid."""
+    reference = read_label(truth)
+    return read_label(prediction, reference, "prediction").array, reference.array
 
 
 def evaluate_segmentations(predictions: Sequence[str | Path], truth: str | Path,

@@ -32,7 +32,7 @@ from targan_cli.core.slicing import from_model, plane_fit, to_model
 from targan_cli.data.dataset import Case, DataDir, load_slices, open_data_dir
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import atomic_output, check_writable
-from targan_cli.io.volume import Volume, from_slices, read_volume, to_slices, write_volume
+from targan_cli.io.volume import Volume, from_slices, read_label, read_volume, to_slices, write_volume
 from targan_cli.io.weights import check_state_dict
 
 SEGMENTER_FILE = "model.safetensors"
@@ -41,7 +41,6 @@ SEGMENTER_FORMAT_VERSION = 1
 MAX_DEFAULT_IMAGE_SIZE = 256  # the paper's slice size: larger scans (CT 512) are downsampled to it
 BACKGROUND = -1.0  # padding to a square adds air in the model range [-1, 1]
 _DICE_SMOOTHING = 1.0  # keeps the soft Dice loss defined on batches without liver
-_AFFINE_TOLERANCE_MM = 1e-3  # label and image grids may differ by float32 header rounding only
 
 Progress = Callable[..., None]
 
@@ -181,18 +180,9 @@ def segment_volume(volume: Volume, segmenter: Segmenter, *, batch_size: int = 16
     return from_slices(mask.astype(np.uint8), frame)
 
 
-def read_on_grid(path: Path, image: Volume, what: str = "label") -> Volume:
-    """Read a volume that must lie on ``image``'s voxel grid (a label, a paired rendering)."""
-    volume = read_volume(path)
-    if volume.shape != image.shape or not np.allclose(volume.affine, image.affine, atol=_AFFINE_TOLERANCE_MM):
-        raise TarganError(f"{what} grid (shape {volume.shape}) differs from its image {image.source} "
-                          f"(shape {image.shape}); a {what} must be on the image's voxel grid", path)
-    return volume
-
-
 def label_slices(path: Path, image: Volume) -> np.ndarray:
     """A label file as canonical bool slices (Z, H, W) (non-zero = target), on ``image``'s grid."""
-    return to_slices(read_on_grid(path, image))[0] != 0
+    return to_slices(read_label(path, image))[0] != 0
 
 
 # ----------------------------------------------------------------------------- segment

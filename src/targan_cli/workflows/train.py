@@ -428,6 +428,7 @@ def train(
     lambda_shape: float = TrainConfig.lambda_shape,
     lr_g: float = TrainConfig.lr_g,
     lr_d: float = TrainConfig.lr_d,
+    ema_decay: float = TrainConfig.ema_decay,
     checkpoint_every: int | None = None,
     log_every: int = 10,
     sample_every: int = 1,
@@ -447,7 +448,7 @@ def train(
         train_config = TrainConfig(
             lambda_gp=lambda_gp, lambda_rcls=lambda_rcls, lambda_fcls=lambda_fcls, lambda_rec=lambda_rec,
             lambda_cross=lambda_cross, lambda_u=lambda_u, lambda_shape=lambda_shape, lr_g=lr_g, lr_d=lr_d,
-            use_shape_controller=shape_controller, use_target_stream=target_stream,
+            ema_decay=ema_decay, use_shape_controller=shape_controller, use_target_stream=target_stream,
             use_crossing_loss=crossing_loss)
     except ValueError as error:
         raise UsageError(str(error)) from None

@@ -242,5 +242,5 @@ def test_an_unknown_config_field_is_refused_with_the_file_named(editable_weights
 
 def test_a_folder_without_model_safetensors_is_refused(editable_weights: Path) -> None:
     (editable_weights / WEIGHTS_FILE).unlink()
-    with pytest.raises(TarganError, match=f"no {WEIGHTS_FILE} in the weights folder"):
+    with pytest.raises(TarganError, match=f"no {WEIGHTS_FILE} in the folder"):
         load_weights(editable_weights)

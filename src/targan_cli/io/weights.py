@@ -140,6 +140,18 @@ def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch
         raise TarganError("tensors do not match config.json: " + "; ".join(problems), path)
 
 
+def load_tensors_into(module: torch.nn.Module, path: Path) -> None:
+    """Load a safetensors file into ``module`` with strict name, shape and dtype checks."""
+    if not path.is_file():
+        raise TarganError(f"no {path.name} in the folder", path.parent)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise TarganError(f"not a valid safetensors file ({str(error).splitlines()[0][:160]})", path) from None
+    check_state_dict(tensors, module.state_dict(), path)
+    module.load_state_dict({name: tensor.float() for name, tensor in tensors.items()}, strict=True)
+
+
 def load_weights(source: str | Path | None = None, revision: str | None = None,
                  device: str | torch.device = "cpu") -> Weights:
     """Load a weights folder (local or Hub) with strict name, shape and dtype checks."""
@@ -147,16 +159,8 @@ def load_weights(source: str | Path | None = None, revision: str | None = None,
     config = read_weights_config(folder)
     if provenance:
         config = replace(config, provenance={**config.provenance, **provenance})
-    path = folder / WEIGHTS_FILE
-    if not path.is_file():
-        raise TarganError(f"no {WEIGHTS_FILE} in the weights folder", folder)
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise TarganError(f"not a valid safetensors file ({str(error).splitlines()[0][:160]})", path) from None
     generator = Generator(config.model)
-    check_state_dict(tensors, generator.state_dict(), path)
-    generator.load_state_dict({name: tensor.float() for name, tensor in tensors.items()}, strict=True)
+    load_tensors_into(generator, folder / WEIGHTS_FILE)
     return Weights(generator.to(device).eval().requires_grad_(False), config, folder)
 
 

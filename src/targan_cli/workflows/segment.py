@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from targan_cli import __version__
 from targan_cli.config import IntensitySettings, read_json
@@ -33,7 +32,7 @@ from targan_cli.data.dataset import Case, DataDir, load_slices, open_data_dir
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import atomic_output, check_writable
 from targan_cli.io.volume import Volume, from_slices, read_label, read_volume, to_slices, write_volume
-from targan_cli.io.weights import check_state_dict
+from targan_cli.io.weights import load_tensors_into
 
 SEGMENTER_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -131,16 +130,8 @@ def load_segmenter(folder: str | Path, device: str | torch.device = "cpu") -> Se
         config = SegmenterConfig.from_dict(read_json(config_path))
     except TarganError as error:
         raise TarganError(error.message, config_path) from None
-    path = folder / SEGMENTER_FILE
-    if not path.is_file():
-        raise TarganError(f"no {SEGMENTER_FILE} in the segmenter folder", folder)
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise TarganError(f"not a valid safetensors file ({str(error).splitlines()[0][:160]})", path) from None
     network = build_network(config)
-    check_state_dict(tensors, network.state_dict(), path)
-    network.load_state_dict({name: tensor.float() for name, tensor in tensors.items()}, strict=True)
+    load_tensors_into(network, folder / SEGMENTER_FILE)
     return Segmenter(network.to(device).eval().requires_grad_(False), config, folder)
 
 

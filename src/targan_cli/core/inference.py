@@ -63,17 +63,43 @@ def translate_slices(
         out = np.empty((depth, height, width), dtype=np.float32)
     elif out.shape != slices.shape or out.dtype != np.float32:
         raise ValueError(f"out must be float32 of shape {slices.shape}, got {out.dtype} {out.shape}")
+    # On CUDA the batches are pipelined: the input goes up from page-locked memory and the output
+    # comes back into page-locked memory asynchronously, and batch k is collected only after
+    # batch k + 1 has been queued, so that the GPU never waits for the host's copying.
+    overlap = device.type == "cuda"
+    queued: list[tuple[int, int, torch.Tensor, torch.cuda.Event | None]] = []
+
+    def collect() -> None:
+        start, stop, host, done = queued.pop(0)
+        if done is not None:
+            done.synchronize()
+        out[start:stop] = host.numpy()
+        if progress is not None:
+            progress(stop - start)
+
     with torch.inference_mode():
         targets = torch.full((batch_size,), target, dtype=torch.long, device=device)
         for start in range(0, depth, batch_size):
             stop = min(start + batch_size, depth)
             batch = torch.from_numpy(np.ascontiguousarray(slices[start:stop], dtype=np.float32))
+            if overlap:
+                batch = batch.pin_memory()
             batch = batch.to(device, non_blocking=True).unsqueeze(1)  # (N, 1, H, W)
             images = to_model(batch, fit, fill=BACKGROUND).contiguous(memory_format=layout)  # (N, 1, S, S)
             with autocast(device, dtype):
                 outputs = generator(images, targets[: stop - start])
-            outputs = from_model(outputs.float(), fit).clamp_(-1.0, 1.0)  # (N, 1, H, W)
-            out[start:stop] = outputs[:, 0].cpu().numpy()
-            if progress is not None:
-                progress(stop - start)
+            outputs = from_model(outputs.float(), fit).clamp_(-1.0, 1.0)[:, 0]  # (N, H, W)
+            if overlap:
+                host = torch.empty(outputs.shape, dtype=torch.float32, pin_memory=True)
+                host.copy_(outputs, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                queued.append((start, stop, host, done))
+            else:
+                queued.append((start, stop, outputs.cpu(), None))
+            # Reading batch k + 1 above came before writing batch k here: ``out`` may be ``slices``.
+            while len(queued) > (1 if overlap else 0):
+                collect()
+        while queued:
+            collect()
     return out

@@ -1,0 +1,133 @@
+"""Median time of the real training step against the literal reference step, in one process.
+
+Both trainers start from the same weights; their first step (untimed) runs on the same batch and
+random draws, and the largest loss difference is printed. Then the two steps alternate, so that
+both see the same machine load, and the median ms/step of each and their ratio are printed.
+Both run under the same process settings: denormal floats flushed, and glibc malloc tuned
+(``configure_process``) unless ``--allocator default`` leaves glibc's defaults, to measure that
+setting's share across two runs.
+
+    .venv/bin/python bench/train_step.py --preset paper --image-size 64 --batch-size 4 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+import torch
+
+from targan_cli.config import PRESETS, preset
+from targan_cli.core.device import check_precision, configure_process, pick_device
+from targan_cli.core.training import Batch, TarGAN, Trainer, TrainConfig, derived_generator
+
+SCHEDULE_STEPS = 25_000  # 50 epochs of CHAOS at batch 4
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps of each kind")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each kind after the first")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="autocast of the real step (the reference step is always fp32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile G and S in the real step")
+    parser.add_argument("--no-reference", action="store_true", help="time the real step only")
+    parser.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
+                        help="glibc malloc as the CLI sets it up, or glibc's defaults")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def make_batches(count: int, batch_size: int, size: int, num_modalities: int, pin: bool) -> list[Batch]:
+    """Random images in [-1, 1] with an elliptic organ in half of the samples, body masks, modalities."""
+    generator = torch.Generator().manual_seed(1234)
+    rows = torch.linspace(-1, 1, size).view(-1, 1)
+    cols = torch.linspace(-1, 1, size).view(1, -1)
+    organ = (((rows + 0.2) / 0.35) ** 2 + ((cols - 0.3) / 0.25) ** 2 <= 1).float()  # (H, W)
+    batches = []
+    for index in range(count):
+        images = torch.rand(batch_size, 1, size, size, generator=generator) * 2 - 1
+        masks = torch.zeros(batch_size, 1, size, size)
+        masks[: (batch_size + 1) // 2, 0] = organ
+        bodies = (images > -0.6).float()
+        modalities = (torch.arange(batch_size) + index) % num_modalities
+        tensors = (images, masks, bodies, modalities)
+        batches.append(tuple(t.pin_memory() for t in tensors) if pin else tensors)
+    return batches
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, batch: Batch, generator: torch.Generator, device: torch.device) -> tuple[float, dict]:
+    synchronize(device)
+    started = time.perf_counter()
+    losses = step(batch, generator)
+    synchronize(device)
+    return (time.perf_counter() - started) * 1000, losses
+
+
+def main() -> None:
+    args = parse_args()
+    if args.allocator == "tuned":
+        configure_process()  # as every CLI command does, before torch starts its threads
+    else:
+        torch.set_flush_denormal(True)
+    device = pick_device(args.device)
+    dtype = check_precision(args.precision, device)
+    model_config = preset(args.preset, image_size=args.image_size)
+    train_config = TrainConfig()
+    torch.manual_seed(args.seed)
+    model = TarGAN(model_config, train_config)
+    reference_model = None if args.no_reference else copy.deepcopy(model)
+    fast = Trainer(model, train_config, device, precision=dtype, compile=args.compile)
+    reference = None if reference_model is None else Trainer(
+        reference_model, train_config, device, precision=None, channels_last=False, fused_optimizers=False)
+
+    total = 1 + args.warmup + args.steps
+    batches = make_batches(total, args.batch_size, args.image_size, model_config.num_modalities,
+                           pin=device.type == "cuda")
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f}, allocator {args.allocator}")
+    print(f"preset {args.preset}, image {args.image_size}, batch {args.batch_size}, "
+          f"precision {args.precision}{', compiled' if args.compile else ''}, "
+          f"memory format {'channels_last' if fast.memory_format == torch.channels_last else 'contiguous'}")
+
+    fast_ms, reference_ms = [], []
+    for index, batch in enumerate(batches):
+        elapsed, fast_losses = timed(fast.train_step, batch, derived_generator(args.seed, index), device)
+        if index > args.warmup:
+            fast_ms.append(elapsed)
+        if reference is not None:
+            elapsed, reference_losses = timed(reference.reference_step, batch, derived_generator(args.seed, index),
+                                              device)
+            if index > args.warmup:
+                reference_ms.append(elapsed)
+            if index == 0:
+                difference = max(abs(fast_losses[name].item() - reference_losses[name].item())
+                                 / max(1.0, abs(reference_losses[name].item())) for name in reference_losses)
+                print(f"first step, same weights and batch: {len(reference_losses)} loss terms, "
+                      f"largest difference {difference:.2e} (relative to max(1, |loss|))")
+
+    fast_median = statistics.median(fast_ms)
+    print(f"train_step     median {fast_median:8.1f} ms/step  (runs: {', '.join(f'{t:.0f}' for t in fast_ms)}); "
+          f"{SCHEDULE_STEPS:,} steps (the paper's CHAOS schedule) would take {fast_median * SCHEDULE_STEPS / 60e3:.0f} min")
+    if reference is not None:
+        reference_median = statistics.median(reference_ms)
+        print(f"reference_step median {reference_median:8.1f} ms/step  "
+              f"(runs: {', '.join(f'{t:.0f}' for t in reference_ms)})")
+        print(f"speed-up {reference_median / fast_median:.2f}x")
+    print(f"load average after {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

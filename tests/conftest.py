@@ -3,6 +3,7 @@
 import os
 
 os.environ.setdefault("COLUMNS", "240")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it; also for subprocesses
 os.environ["NO_COLOR"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never download anything
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"

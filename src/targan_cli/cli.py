@@ -7,6 +7,7 @@ Heavy imports (torch and everything that needs it) happen inside the command bod
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
@@ -43,6 +44,9 @@ def handles_errors(function: Callable) -> Callable:
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
+        # Idle OpenMP threads sleep instead of spinning: with spinning, a second busy process on
+        # the same cores made training steps 20-100x slower here. Set before torch loads OpenMP.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from targan_cli.console import print_error
         from targan_cli.core.device import configure_process
 

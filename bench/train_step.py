@@ -1,8 +1,9 @@
 """Median time of the real training step against the literal reference step, in one process.
 
 Both trainers start from the same weights; their first step (untimed) runs on the same batch and
-random draws, and the largest loss difference is printed. Then the two steps alternate, so that
-both see the same machine load, and the median ms/step of each and their ratio are printed.
+random draws, and the largest loss difference is printed; the next (untimed) counts the FLOPs of
+each step. Then the two steps alternate, so that both see the same machine load, and the median
+ms/step of each and their ratio are printed.
 Both run under the same process settings: denormal floats flushed, and glibc malloc tuned
 (``configure_process``) unless ``--allocator default`` leaves glibc's defaults, to measure that
 setting's share across two runs.
@@ -18,11 +19,15 @@ import os
 import statistics
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it, before torch loads OpenMP
 
-from targan_cli.config import PRESETS, preset
-from targan_cli.core.device import check_precision, configure_process, pick_device
-from targan_cli.core.training import Batch, TarGAN, Trainer, TrainConfig, derived_generator
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import flop_registry  # noqa: E402
+
+from targan_cli.config import PRESETS, preset  # noqa: E402
+from targan_cli.core.device import check_precision, configure_process, pick_device  # noqa: E402
+from targan_cli.core.training import Batch, TarGAN, Trainer, TrainConfig, derived_generator  # noqa: E402
 
 SCHEDULE_STEPS = 25_000  # 50 epochs of CHAOS at batch 4
 
@@ -76,6 +81,33 @@ def timed(step, batch: Batch, generator: torch.Generator, device: torch.device) 
     return (time.perf_counter() - started) * 1000, losses
 
 
+class FlopCount(TorchDispatchMode):
+    """Sums torch.utils.flop_counter's per-operator FLOP formulas over every operator that runs.
+
+    FlopCounterMode itself also tracks modules, with hooks that autograd.grad refuses when a
+    module's input is the leaf it differentiates (the reference step's D(x_hat)).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def counted_gflop(step, batch: Batch, generator: torch.Generator) -> float:
+    """GFLOP of one step: forward, backward and the penalty's double backward."""
+    with FlopCount() as counter:
+        step(batch, generator)
+    return counter.flops / 1e9
+
+
 def main() -> None:
     args = parse_args()
     if args.allocator == "tuned":
@@ -104,6 +136,14 @@ def main() -> None:
 
     fast_ms, reference_ms = [], []
     for index, batch in enumerate(batches):
+        if index == 1 and args.warmup > 0:  # the first warm-up step of each kind counts FLOPs instead
+            fast_gflop = counted_gflop(fast.train_step, batch, derived_generator(args.seed, index))
+            line = f"GFLOP per step: train_step {fast_gflop:.1f}"
+            if reference is not None:
+                reference_gflop = counted_gflop(reference.reference_step, batch, derived_generator(args.seed, index))
+                line += f", reference_step {reference_gflop:.1f} (ratio {reference_gflop / fast_gflop:.2f})"
+            print(line)
+            continue
         elapsed, fast_losses = timed(fast.train_step, batch, derived_generator(args.seed, index), device)
         if index > args.warmup:
             fast_ms.append(elapsed)
@@ -119,13 +159,19 @@ def main() -> None:
                       f"largest difference {difference:.2e} (relative to max(1, |loss|))")
 
     fast_median = statistics.median(fast_ms)
-    print(f"train_step     median {fast_median:8.1f} ms/step  (runs: {', '.join(f'{t:.0f}' for t in fast_ms)}); "
-          f"{SCHEDULE_STEPS:,} steps (the paper's CHAOS schedule) would take {fast_median * SCHEDULE_STEPS / 60e3:.0f} min")
+    print(f"train_step     median {fast_median:8.1f} ms/step  (runs: {', '.join(f'{t:.0f}' for t in fast_ms)})")
+    print(f"{SCHEDULE_STEPS:,} steps (the paper's CHAOS schedule) at this rate: "
+          f"{fast_median * SCHEDULE_STEPS / 60e3:.0f} min")
     if reference is not None:
         reference_median = statistics.median(reference_ms)
         print(f"reference_step median {reference_median:8.1f} ms/step  "
               f"(runs: {', '.join(f'{t:.0f}' for t in reference_ms)})")
-        print(f"speed-up {reference_median / fast_median:.2f}x")
+        # Each reference step runs right after a real step: the ratio of each pair is the least
+        # disturbed by the machine's load drifting over the run.
+        pair_ratios = [reference / fast for fast, reference in zip(fast_ms, reference_ms)]
+        print(f"speed-up {reference_median / fast_median:.2f}x (ratio of medians), "
+              f"{statistics.median(pair_ratios):.2f}x (median of step pairs: "
+              f"{', '.join(f'{ratio:.2f}' for ratio in pair_ratios)})")
     print(f"load average after {os.getloadavg()[0]:.2f}")
 
 

@@ -23,15 +23,17 @@ import time
 from collections.abc import Callable
 from unittest import mock
 
-import numpy as np
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it, before torch loads OpenMP
 
-from targan_cli.config import PRESETS, preset
-from targan_cli.core.device import autocast, check_precision, configure_process, pick_device
-from targan_cli.core.inference import translate_slices
-from targan_cli.core import networks
-from targan_cli.core.networks import Generator
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from targan_cli.config import PRESETS, preset  # noqa: E402
+from targan_cli.core.device import autocast, check_precision, configure_process, pick_device  # noqa: E402
+from targan_cli.core.inference import translate_slices  # noqa: E402
+from targan_cli.core import networks  # noqa: E402
+from targan_cli.core.networks import Generator  # noqa: E402
 
 TARGET = 1
 

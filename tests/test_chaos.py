@@ -16,13 +16,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from targan_cli.config import DatasetSpec, read_json
 from targan_cli.data.chaos import find_chaos_series, import_chaos, pair_ground_truth, split_patients
 from targan_cli.data.dataset import open_data_dir
 from targan_cli.errors import TarganError
+from volume_factories import write_dicom_slice
 
 ROWS, COLUMNS, SLICES = 16, 12, 4
 STEP_MM = 3.0
@@ -33,34 +32,10 @@ OUT_PHASE_VALUE = 9999  # out-of-phase pixels: must never reach the imported T1 
 
 
 def _write_dicom(path: Path, pixels: np.ndarray, position_z: float, modality: str) -> None:
-    sop_class = CTImageStorage if modality == "CT" else MRImageStorage
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID = sop_class
-    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    dataset.SeriesInstanceUID = generate_uid()  # anonymised CHAOS: a UID per file
-    dataset.StudyInstanceUID = generate_uid()
-    dataset.Modality = modality
-    dataset.Rows, dataset.Columns = pixels.shape
-    dataset.PixelSpacing = ["0.8", "0.7"]
-    dataset.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    dataset.ImagePositionPatient = ["-20.0", "-30.0", f"{position_z:.2f}"]
-    dataset.SliceThickness = f"{STEP_MM:g}"
-    dataset.SamplesPerPixel = 1
-    dataset.PhotometricInterpretation = "MONOCHROME2"
-    dataset.BitsAllocated = dataset.BitsStored = 16
-    dataset.HighBit = 15
-    dataset.PixelRepresentation = 0
-    if modality == "CT":
-        dataset.RescaleSlope = "1"
-        dataset.RescaleIntercept = f"{CT_INTERCEPT}"
-    dataset.PixelData = pixels.astype(np.uint16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dataset.save_as(path, enforce_file_format=True)
+    """One CHAOS-like slice: CT or MR SOP class, rescale tags on CT only, a series UID per file."""
+    write_dicom_slice(path, pixels, (-20.0, -30.0, position_z), modality=modality,
+                      rescale=(1.0, CT_INTERCEPT) if modality == "CT" else None,
+                      pixel_spacing=(0.8, 0.7), slice_thickness=STEP_MM)
 
 
 def _write_png(path: Path, values: np.ndarray) -> None:

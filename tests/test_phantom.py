@@ -28,6 +28,7 @@ from targan_cli.data.phantom import (
     write_phantom_dataset,
 )
 from targan_cli.errors import TarganError, UsageError
+from targan_cli.io.montage import MARGIN, OUTLINE_COLOUR
 from targan_cli.io.volume import Volume, read_volume, to_slices
 
 SIZE, SLICES = 40, 8  # CT 8 slices of 30 mm, MR 4 of 60 mm: fast, still spans the liver
@@ -263,13 +264,58 @@ def test_bad_options_are_usage_errors(tmp_path, option):
     assert not (tmp_path / "data").exists()
 
 
-def test_montage_shows_every_modality(dataset, tmp_path):
+def _montage_tiles(path: Path, rows: int, columns: int, tile: int) -> np.ndarray:
+    """The tiles (rows, columns, tile, tile, 3) of an io.montage PNG: they end MARGIN pixels before
+    its right and bottom edges, MARGIN pixels apart."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    height, width, _ = pixels.shape
+    step = tile + MARGIN
+    return np.array([[pixels[height - (rows - r) * step:height - (rows - r) * step + tile,
+                             width - (columns - c) * step:width - (columns - c) * step + tile]
+                      for c in range(columns)] for r in range(rows)])
+
+
+def _liver_outlines(root: Path, case: str, columns: int, zoom: int) -> list[list[np.ndarray]]:
+    """Per modality and column: the inner band, one slice pixel wide, of the zoomed liver label."""
+    outlines = []
+    for modality in PHANTOM_MODALITIES:
+        label = to_slices(read_volume(root / "test" / modality / "labels" / f"{case}.nii.gz"))[0]
+        levels = np.rint(np.linspace(0.8, 0.2, columns) * (len(label) - 1)).astype(int)
+        livers = [np.kron(label[level] > 0, np.ones((zoom, zoom), dtype=bool)) for level in levels]
+        outlines.append([liver & ~ndimage.binary_erosion(liver, iterations=zoom) for liver in livers])
+    return outlines
+
+
+def test_montage_outlines_the_liver_in_red_in_every_modality(dataset, tmp_path):
     root, summary, _ = dataset
     path = render_montage(root, tmp_path / "montage.png", columns=4, zoom=2)
-    picture = Image.open(path)
-    assert picture.size == (4 * SIZE * 2, 3 * SIZE * 2)
-    pixels = np.asarray(picture.convert("RGB"))
-    red = (pixels[..., 0] == 255) & (pixels[..., 1] == 64)
-    assert red[: SIZE * 2].any() and red[-SIZE * 2:].any()  # liver outlines in the first and last rows
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.mode == "RGB"
+    tiles = _montage_tiles(path, rows=3, columns=4, tile=2 * SIZE)
+    red = np.all(tiles == OUTLINE_COLOUR, axis=-1)  # (rows, columns, tile, tile)
+    outlines = _liver_outlines(root, summary.test_cases[0], columns=4, zoom=2)
+    for row, modality in enumerate(PHANTOM_MODALITIES):
+        assert any(outline.any() for outline in outlines[row]), modality
+        for column, outline in enumerate(outlines[row]):
+            np.testing.assert_array_equal(red[row, column], outline)  # red exactly on the liver boundary
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    assert np.all(picture == OUTLINE_COLOUR, axis=-1).sum() == red.sum()  # nowhere else
     with pytest.raises(TarganError, match="--overwrite"):
         render_montage(root, path)
+
+
+def test_montage_uses_the_ct_window_of_the_dataset(dataset, tmp_path):
+    root, summary, _ = dataset
+    spec = json.loads((root / "dataset.json").read_text())
+    ct = next(m for m in spec["modalities"] if m["name"] == "ct")
+    ct["intensity"].update(window_level=-3000.0, window_width=2.0)  # every HU above it: white
+    other = tmp_path / "data"
+    other.mkdir()
+    (other / "dataset.json").write_text(json.dumps(spec))
+    (other / "test").symlink_to(root / "test")
+    tiles = _montage_tiles(render_montage(other, tmp_path / "montage.png", columns=4, zoom=2),
+                           rows=3, columns=4, tile=2 * SIZE)
+    outlines = _liver_outlines(root, summary.test_cases[0], columns=4, zoom=2)
+    for column, outline in enumerate(outlines[-1]):
+        assert np.all(tiles[-1, column][~outline] == 255)
+    assert (tiles[0] < 128).mean() > 0.3  # T1w keeps its own window: dark background

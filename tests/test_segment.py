@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -94,6 +95,18 @@ def test_save_then_load_gives_the_same_logits(tmp_path: Path) -> None:
     images = torch.rand(3, 1, 16, 16) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(loaded.network(images), network(images), rtol=0, atol=0)
+
+
+def test_save_refuses_an_existing_folder_unless_overwrite(tmp_path: Path) -> None:
+    config = SegmenterConfig("ct", IntensitySettings(kind="ct"), image_size=16, width=4, depth=3)
+    folder = save_segmenter(tmp_path / "seg", build_network(config), config)
+    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, SEGMENTER_FILE]
+    wider = dataclasses.replace(config, width=8)
+    with pytest.raises(TarganError, match="already exists"):
+        save_segmenter(folder, build_network(wider), wider)
+    assert load_segmenter(folder).config.width == 4
+    save_segmenter(folder, build_network(wider), wider, overwrite=True)
+    assert load_segmenter(folder).config.width == 8
 
 
 def test_segment_slices_thresholds_the_logits_resized_back_to_the_slices(tmp_path: Path) -> None:

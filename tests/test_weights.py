@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import targan_cli
 from targan_cli.errors import TarganError
 from targan_cli.io.weights import (CONFIG_FILE, WEIGHTS_ENV, WEIGHTS_FILE, load_weights, read_weights_config,
-                                   resolve_weights, save_weights)
+                                   resolve_weights, save_model_folder, save_weights)
 from weights_factories import cache_hub_repo, make_tiny_weights, tiny_generator, use_offline_hub_cache
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
@@ -91,6 +91,25 @@ def test_save_refuses_an_existing_folder_without_overwrite(weights_folder: Path)
     config = read_weights_config(weights_folder)
     with pytest.raises(TarganError, match="already exists"):
         save_weights(weights_folder, tiny_generator(), config)
+
+
+def test_save_model_folder_writes_float32_tensors_and_config_atomically(tmp_path: Path) -> None:
+    module = torch.nn.Linear(3, 2).double()
+    folder = save_model_folder(tmp_path / "model", module, {"width": 3}, tensors_file="net.safetensors")
+    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, "net.safetensors"]
+    assert json.loads((folder / CONFIG_FILE).read_text()) == {"width": 3}
+    tensors = load_file(str(folder / "net.safetensors"))
+    assert set(tensors) == {"weight", "bias"} and all(t.dtype == torch.float32 for t in tensors.values())
+    torch.testing.assert_close(tensors["weight"], module.weight.float())
+
+    with pytest.raises(TarganError, match="already exists"):
+        save_model_folder(folder, module, {"width": 4}, tensors_file="net.safetensors")
+    with pytest.raises(TypeError):  # a config that is not JSON: nothing replaced, nothing left over
+        save_model_folder(folder, module, {"width": object()}, tensors_file="net.safetensors", overwrite=True)
+    assert json.loads((folder / CONFIG_FILE).read_text()) == {"width": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    save_model_folder(folder, module, {"width": 4}, tensors_file="net.safetensors", overwrite=True)
+    assert json.loads((folder / CONFIG_FILE).read_text()) == {"width": 4}
 
 
 def test_package_level_load_generator(weights_folder: Path) -> None:

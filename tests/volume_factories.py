@@ -2,7 +2,8 @@
 
 ``anatomy()`` is a canonical (Z, H, W) phantom: slices inferior -> superior, rows anterior ->
 posterior, columns patient right -> left. ``oriented()`` lays it out in any voxel order with the
-matching affine; ``write_dicom_series()`` writes it as an axial series as displayed.
+matching affine; ``write_dicom_series()`` writes it as an axial series as displayed, one
+``write_dicom_slice()`` per file.
 """
 
 from __future__ import annotations
@@ -107,18 +108,34 @@ def write_dicom_series(
         if index in skip:
             continue
         position = np.asarray(origin_lps, dtype=float) + index * slice_step * normal
-        dataset = _slice_dataset(pixels, modality, slope, intercept, pixel_spacing, orientation,
-                                 position, signed)
-        dataset.InstanceNumber = index + 1
-        files.append(folder / name)
-        dataset.save_as(files[-1], enforce_file_format=True)
+        files.append(write_dicom_slice(folder / name, pixels, position, modality=modality, rescale=(slope, intercept),
+                                       pixel_spacing=pixel_spacing, orientation=orientation, signed=signed,
+                                       instance_number=index + 1))
     return files
 
 
-def _slice_dataset(pixels: np.ndarray, modality: str, slope: float, intercept: float,
-                   pixel_spacing: tuple[float, float], orientation: np.ndarray, position: np.ndarray,
-                   signed: bool) -> Dataset:
+def write_dicom_slice(
+    path: Path,
+    pixels: np.ndarray,
+    position_lps: Sequence[float],
+    *,
+    modality: str = "CT",
+    rescale: tuple[float, float] | None = (1.0, 0.0),
+    pixel_spacing: tuple[float, float] = (0.8, 0.7),
+    orientation: Sequence[float] = (1, 0, 0, 0, 1, 0),
+    slice_thickness: float = 2.5,
+    signed: bool | None = None,
+    instance_number: int | None = None,
+) -> Path:
+    """Write one slice of stored pixel values (Rows, Columns) as a DICOM file; returns ``path``.
+
+    The SOP class is CT Image Storage for ``modality`` "CT", MR Image Storage otherwise. The file
+    carries its own series and study UIDs, as anonymised CHAOS data does. ``rescale`` is
+    (RescaleSlope, RescaleIntercept), or None to leave both tags out (as MR files do). ``signed``
+    (default: whether any pixel is negative) picks int16 or uint16 pixel data.
+    """
     sop_class = CTImageStorage if modality == "CT" else MRImageStorage
+    signed = bool(pixels.min() < 0) if signed is None else signed
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -128,18 +145,23 @@ def _slice_dataset(pixels: np.ndarray, modality: str, slope: float, intercept: f
     dataset.SOPClassUID = sop_class
     dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     dataset.SeriesInstanceUID = generate_uid()
+    dataset.StudyInstanceUID = generate_uid()
     dataset.Modality = modality
+    if instance_number is not None:
+        dataset.InstanceNumber = instance_number
     dataset.Rows, dataset.Columns = pixels.shape
     dataset.PixelSpacing = [f"{v:g}" for v in pixel_spacing]
     dataset.ImageOrientationPatient = [f"{v:.6g}" for v in orientation]
-    dataset.ImagePositionPatient = [f"{v:.6f}" for v in position]
-    dataset.SliceThickness = "2.5"
+    dataset.ImagePositionPatient = [f"{v:.6f}" for v in position_lps]
+    dataset.SliceThickness = f"{slice_thickness:g}"
     dataset.SamplesPerPixel = 1
     dataset.PhotometricInterpretation = "MONOCHROME2"
     dataset.BitsAllocated = dataset.BitsStored = 16
     dataset.HighBit = 15
     dataset.PixelRepresentation = int(signed)
-    dataset.RescaleSlope = f"{slope:g}"
-    dataset.RescaleIntercept = f"{intercept:g}"
+    if rescale is not None:
+        dataset.RescaleSlope, dataset.RescaleIntercept = (f"{v:g}" for v in rescale)
     dataset.PixelData = pixels.astype(np.int16 if signed else np.uint16).tobytes()
-    return dataset
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(path, enforce_file_format=True)
+    return path

@@ -22,12 +22,12 @@ from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from targan_cli.config import DatasetSpec, default_modalities, read_json
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import atomic_output
+from targan_cli.io.montage import save_montage
 from targan_cli.io.volume import Volume, read_volume, to_slices, write_volume
 
 
@@ -632,11 +632,11 @@ def render_montage(
     root: str | Path, path: str | Path, *, case: str | None = None, columns: int = 5,
     zoom: int = 2, overwrite: bool = False,
 ) -> Path:
-    """A PNG of one test case: a row per modality, ``columns`` canonical axial slices, liver outlined.
+    """A PNG of one test case: a row per modality, ``columns`` canonical axial slices, liver outlined
+    in red (``io.montage``'s grid, tiles ``zoom`` times the slice size).
 
     Slices are taken at the same fractions of each volume's extent, so columns show similar
     levels in every modality. CT uses the dataset's window; MR is scaled to its 99.5th percentile.
-    Every modality's images must share their in-plane size, as phantoms of one dataset do.
     """
     root = Path(root)
     spec = DatasetSpec.from_dict(read_json(root / "dataset.json"))
@@ -645,30 +645,19 @@ def render_montage(
         if not images:
             raise TarganError("has no test cases to show", root / "test")
         case = images[0].name[: -len(".nii.gz")]
-    rows = []
+    fractions = np.linspace(0.8, 0.2, columns)  # of the extent, superior to inferior
+    rows, outlines, windows = [], [], []
     for modality in spec.modalities:
         folder = root / "test" / modality.name
         image, _ = to_slices(read_volume(folder / "images" / f"{case}.nii.gz"))  # (Z, H, W)
         label, _ = to_slices(read_volume(folder / "labels" / f"{case}.nii.gz"))
+        levels = np.rint(fractions * (len(image) - 1)).astype(int)
+        rows.append([image[level] for level in levels])
+        outlines.append([label[level] > 0 for level in levels])
         if modality.intensity.kind == "ct":
-            low, high = modality.intensity.window
+            windows.append(modality.intensity.window)
         else:
-            low, high = 0.0, max(float(np.percentile(image, 99.5)), 1.0)
-        grey = np.clip((image - low) / (high - low) * 255, 0, 255).astype(np.uint8)
-        levels = np.linspace(0.8, 0.2, columns) * (len(image) - 1)  # superior to inferior
-        tiles = []
-        for level in np.rint(levels).astype(int):
-            tile = np.repeat(grey[level][..., None], 3, axis=-1)
-            liver = label[level] > 0
-            tile[liver & ~ndimage.binary_erosion(liver)] = (255, 64, 64)
-            tiles.append(tile)
-        rows.append(np.concatenate(tiles, axis=1))
-    picture = Image.fromarray(np.concatenate(rows, axis=0))
-    picture = picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST)
-    draw = ImageDraw.Draw(picture)
-    for row, modality in enumerate(spec.modalities):
-        draw.text((6, 4 + row * picture.height // len(spec.modalities)), modality.name, fill=(255, 255, 0))
-    path = Path(path)
-    with atomic_output(path, overwrite=overwrite) as temporary:
-        picture.save(temporary, format="PNG")
-    return path
+            windows.append((0.0, max(float(np.percentile(image, 99.5)), 1.0)))
+    tile_size = zoom * max(max(row[0].shape) for row in rows)
+    return save_montage(path, rows, spec.modality_names, [f"{fraction:.0%} up the scan" for fraction in fractions],
+                        overwrite, row_windows=windows, outlines=outlines, tile_size=tile_size)

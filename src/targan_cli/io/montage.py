@@ -1,8 +1,10 @@
-"""Labelled grids of grey-scale images saved as PNG: translation previews, training samples, demos.
+"""Labelled grids of grey-scale images saved as PNG: translation previews, training samples, demos,
+phantom pictures.
 
 Each cell is one 2D array, windowed to 8 bits either with a fixed (low, high) window for its
-column (e.g. a CT window in HU, so columns compare) or per image between robust percentiles,
-scaled so that its longer side fills a square tile (aspect ratio kept), and centred on black.
+column or its row (e.g. a CT window in HU, so images compare) or per image between robust
+percentiles, scaled so that its longer side fills a square tile (aspect ratio kept), and centred
+on black. A cell may carry a mask whose outline is drawn over it in colour (e.g. the liver).
 Row labels run down the left, column labels along the top, in PIL's default font.
 """
 
@@ -13,17 +15,20 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from targan_cli.errors import TarganError
 from targan_cli.io.atomic import atomic_output
 
 Window = tuple[float, float]
+Colour = tuple[int, int, int]
 
 # Per-image windows ignore the darkest and brightest 0.5 % (a few hot voxels).
 AUTO_PERCENTILES = (0.5, 99.5)
 MARGIN = 6  # pixels around labels and between tiles
 BACKGROUND = 0
 TEXT = 255
+OUTLINE_COLOUR: Colour = (255, 64, 64)  # red, unlike any grey
 
 
 def window_to_uint8(image: np.ndarray, window: Window | None = None) -> np.ndarray:
@@ -36,38 +41,71 @@ def window_to_uint8(image: np.ndarray, window: Window | None = None) -> np.ndarr
     return np.round(unit * 255.0).astype(np.uint8)
 
 
-def _tile(image: np.ndarray, window: Window | None, size: int) -> Image.Image:
+def _tile(image: np.ndarray, window: Window | None, size: int, outline: np.ndarray | None = None,
+          colour: Colour = OUTLINE_COLOUR) -> Image.Image:
+    """One cell as a square ``size`` tile: grey ("L"), or RGB with the boundary of ``outline`` in ``colour``.
+
+    The outline is the inner band of the mask, one image pixel wide at the tile's scale (at
+    least one tile pixel), so it reads the same whatever the zoom.
+    """
     grey = Image.fromarray(window_to_uint8(image, window), mode="L")
     scale = size / max(grey.size)
-    grey = grey.resize((max(1, round(grey.width * scale)), max(1, round(grey.height * scale))),
-                       Image.Resampling.BILINEAR)
+    shown = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
+    corner = ((size - shown[0]) // 2, (size - shown[1]) // 2)
     tile = Image.new("L", (size, size), BACKGROUND)
-    tile.paste(grey, ((size - grey.width) // 2, (size - grey.height) // 2))
-    return tile
+    tile.paste(grey.resize(shown, Image.Resampling.BILINEAR), corner)
+    if outline is None:
+        return tile
+    mask = Image.fromarray(np.asarray(outline, dtype=bool).astype(np.uint8), mode="L")
+    inside = np.asarray(mask.resize(shown, Image.Resampling.NEAREST)) > 0  # (shown height, shown width)
+    band = inside & ~ndimage.binary_erosion(inside, iterations=max(1, round(scale)))
+    pixels = np.array(tile.convert("RGB"))  # (size, size, 3)
+    pixels[corner[1]:corner[1] + shown[1], corner[0]:corner[0] + shown[0]][band] = colour
+    return Image.fromarray(pixels, mode="RGB")
 
 
 def _check_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str],
-                column_labels: Sequence[str], column_windows: Sequence[Window | None] | None) -> None:
+                column_labels: Sequence[str], column_windows: Sequence[Window | None] | None,
+                row_windows: Sequence[Window | None] | None,
+                outlines: Sequence[Sequence[np.ndarray | None]] | None) -> None:
     if not rows or not column_labels:
         raise ValueError("a montage needs at least one row and one column")
     if len(row_labels) != len(rows):
         raise ValueError(f"{len(rows)} rows but {len(row_labels)} row labels")
+    if column_windows is not None and row_windows is not None:
+        raise ValueError("give column windows or row windows, not both")
     if column_windows is not None and len(column_windows) != len(column_labels):
         raise ValueError(f"{len(column_labels)} columns but {len(column_windows)} column windows")
+    if row_windows is not None and len(row_windows) != len(rows):
+        raise ValueError(f"{len(rows)} rows but {len(row_windows)} row windows")
+    if outlines is not None and len(outlines) != len(rows):
+        raise ValueError(f"{len(rows)} rows but {len(outlines)} rows of outlines")
     for index, row in enumerate(rows):
         if len(row) != len(column_labels):
             raise ValueError(f"row {index} has {len(row)} images, expected {len(column_labels)}")
-        for image in row:
+        for column, image in enumerate(row):
             if np.ndim(image) != 2 or 0 in np.shape(image):
                 raise ValueError(f"montage images must be non-empty 2D arrays, got shape {np.shape(image)}")
+            if outlines is None:
+                continue
+            if len(outlines[index]) != len(row):
+                raise ValueError(f"row {index} has {len(row)} images but {len(outlines[index])} outlines")
+            mask = outlines[index][column]
+            if mask is not None and np.shape(mask) != np.shape(image):
+                raise ValueError(f"the outline mask of row {index}, column {column} has shape "
+                                 f"{np.shape(mask)}, its image {np.shape(image)}")
 
 
 def render_montage(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str],
                    column_labels: Sequence[str], *, column_windows: Sequence[Window | None] | None = None,
-                   tile_size: int = 192) -> Image.Image:
-    """The labelled grid as a grey-scale PIL image (see the module docstring)."""
-    _check_grid(rows, row_labels, column_labels, column_windows)
-    windows = list(column_windows) if column_windows is not None else [None] * len(column_labels)
+                   row_windows: Sequence[Window | None] | None = None,
+                   outlines: Sequence[Sequence[np.ndarray | None]] | None = None,
+                   outline_colour: Colour = OUTLINE_COLOUR, tile_size: int = 192) -> Image.Image:
+    """The labelled grid as a PIL image (see the module docstring): grey-scale ("L"), or RGB
+    when ``outlines`` are given."""
+    _check_grid(rows, row_labels, column_labels, column_windows, row_windows, outlines)
+    mode = "L" if outlines is None else "RGB"
+    text = TEXT if mode == "L" else (TEXT, TEXT, TEXT)
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
     text_height = max(measure.textbbox((0, 0), label, font=font)[3] for label in [*row_labels, *column_labels])
@@ -75,30 +113,42 @@ def render_montage(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[st
     left = int(np.ceil(label_width)) + 2 * MARGIN
     top = text_height + 2 * MARGIN
     step = tile_size + MARGIN
-    canvas = Image.new("L", (left + len(column_labels) * step, top + len(rows) * step), BACKGROUND)
+    canvas = Image.new(mode, (left + len(column_labels) * step, top + len(rows) * step), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for column, label in enumerate(column_labels):
-        draw.text((left + column * step, MARGIN), label, fill=TEXT, font=font)
+        draw.text((left + column * step, MARGIN), label, fill=text, font=font)
     for row_index, (row, label) in enumerate(zip(rows, row_labels)):
         y = top + row_index * step
-        draw.text((MARGIN, y + (tile_size - text_height) // 2), label, fill=TEXT, font=font)
-        for column, (image, window) in enumerate(zip(row, windows)):
-            canvas.paste(_tile(image, window, tile_size), (left + column * step, y))
+        draw.text((MARGIN, y + (tile_size - text_height) // 2), label, fill=text, font=font)
+        for column, image in enumerate(row):
+            if row_windows is not None:
+                window = row_windows[row_index]
+            else:
+                window = column_windows[column] if column_windows is not None else None
+            outline = outlines[row_index][column] if outlines is not None else None
+            canvas.paste(_tile(image, window, tile_size, outline, outline_colour), (left + column * step, y))
     return canvas
 
 
 def save_montage(path: str | Path, rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str],
                  column_labels: Sequence[str], overwrite: bool = False, *,
-                 column_windows: Sequence[Window | None] | None = None, tile_size: int = 192) -> Path:
+                 column_windows: Sequence[Window | None] | None = None,
+                 row_windows: Sequence[Window | None] | None = None,
+                 outlines: Sequence[Sequence[np.ndarray | None]] | None = None,
+                 outline_colour: Colour = OUTLINE_COLOUR, tile_size: int = 192) -> Path:
     """Write the labelled grid ``rows[r][c]`` as a PNG, atomically.
 
-    ``column_windows[c]`` is a fixed (low, high) window for column ``c`` or None for a window per
-    image (robust percentiles); every image is scaled to a ``tile_size`` square tile.
+    ``column_windows[c]`` (or ``row_windows[r]``, not both) is a fixed (low, high) window for
+    column ``c`` (row ``r``) or None for a window per image (robust percentiles); every image is
+    scaled to a ``tile_size`` square tile. ``outlines[r][c]``, a bool mask of the image's shape or
+    None, is outlined in ``outline_colour``.
     """
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise TarganError("a montage is written as PNG: the name must end in .png", path)
-    image = render_montage(rows, row_labels, column_labels, column_windows=column_windows, tile_size=tile_size)
+    image = render_montage(rows, row_labels, column_labels, column_windows=column_windows,
+                           row_windows=row_windows, outlines=outlines, outline_colour=outline_colour,
+                           tile_size=tile_size)
     with atomic_output(path, overwrite=overwrite) as temporary:
         image.save(temporary, format="PNG")
     return path

@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -41,17 +42,25 @@ class Weights:
     folder: Path
 
 
+def save_model_folder(folder: str | Path, module: torch.nn.Module, config: dict[str, Any], *,
+                      tensors_file: str = WEIGHTS_FILE, overwrite: bool = False) -> Path:
+    """Write ``module``'s tensors (float32, CPU) as safetensors and ``config`` as ``config.json``
+    into ``folder`` atomically (a temporary folder renamed into place). Weights and segmenter
+    folders are both written this way."""
+    tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous()
+               for name, tensor in module.state_dict().items()}
+    with atomic_output(folder, overwrite=overwrite, is_dir=True) as temporary:
+        save_file(tensors, str(temporary / tensors_file), metadata={"format": "pt"})
+        (temporary / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return Path(folder)
+
+
 def save_weights(folder: str | Path, generator: Generator, config: WeightsConfig,
                  overwrite: bool = False) -> Path:
     """Write a weights folder atomically (a temporary folder renamed into place)."""
     if generator.config != config.model:
         raise ValueError("the generator was not built from config.model")
-    tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous()
-               for name, tensor in generator.state_dict().items()}
-    with atomic_output(folder, overwrite=overwrite, is_dir=True) as temporary:
-        save_file(tensors, str(temporary / WEIGHTS_FILE), metadata={"format": "pt"})
-        (temporary / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return Path(folder)
+    return save_model_folder(folder, generator, config.to_dict(), overwrite=overwrite)
 
 
 def read_weights_config(folder: str | Path) -> WeightsConfig:

@@ -9,7 +9,6 @@ depth and image size, provenance); loading checks names and shapes strictly.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from targan_cli import __version__
 from targan_cli.config import IntensitySettings, read_json
@@ -30,12 +28,11 @@ from targan_cli.core.networks import ShapeController
 from targan_cli.core.slicing import from_model, plane_fit, to_model
 from targan_cli.data.dataset import Case, DataDir, load_slices, open_data_dir
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import atomic_output, check_writable
+from targan_cli.io.atomic import check_writable
 from targan_cli.io.volume import Volume, from_slices, read_label, read_volume, to_slices, write_volume
-from targan_cli.io.weights import load_tensors_into
+from targan_cli.io.weights import CONFIG_FILE, load_tensors_into, save_model_folder
 
 SEGMENTER_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 SEGMENTER_FORMAT_VERSION = 1
 MAX_DEFAULT_IMAGE_SIZE = 256  # the paper's slice size: larger scans (CT 512) are downsampled to it
 BACKGROUND = -1.0  # padding to a square adds air in the model range [-1, 1]
@@ -112,12 +109,7 @@ def build_network(config: SegmenterConfig) -> ShapeController:
 def save_segmenter(folder: str | Path, network: ShapeController, config: SegmenterConfig,
                    overwrite: bool = False) -> Path:
     """Write a segmenter folder atomically (a temporary folder renamed into place)."""
-    tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous()
-               for name, tensor in network.state_dict().items()}
-    with atomic_output(folder, overwrite=overwrite, is_dir=True) as temporary:
-        save_file(tensors, str(temporary / SEGMENTER_FILE), metadata={"format": "pt"})
-        (temporary / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return Path(folder)
+    return save_model_folder(folder, network, config.to_dict(), tensors_file=SEGMENTER_FILE, overwrite=overwrite)
 
 
 def load_segmenter(folder: str | Path, device: str | torch.device = "cpu") -> Segmenter:

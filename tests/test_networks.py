@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from targan_cli.config import PRESETS, ModelConfig, preset
-from targan_cli.core.networks import (Discriminator, Generator, ShapeController, parameter_count,
-                                      target_onehot)
+from targan_cli.core.networks import (Discriminator, Generator, InstanceNorm, ShapeController,
+                                      nearest_upsample_conv3x3,
+                                      parameter_count, target_onehot, use_phase_form)
 from targan_cli.errors import TarganError
 
 
@@ -90,3 +92,58 @@ def test_the_process_setup_flushes_denormals_on_the_cpu():
     configure_process()
     tiny = torch.tensor([1e-42], dtype=torch.float32)  # a denormal float32
     assert (tiny * 1.0).item() == 0.0
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 16, 16)])
+def test_the_phase_form_equals_upsampling_then_convolving_in_float64(shape):
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    weight = torch.randn(6, shape[1], 3, 3, generator=generator, dtype=torch.float64)
+    direct = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, padding=1)
+    torch.testing.assert_close(nearest_upsample_conv3x3(x, weight), direct, rtol=0, atol=1e-12)
+    channels_last = nearest_upsample_conv3x3(x.contiguous(memory_format=torch.channels_last), weight)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(channels_last, direct, rtol=0, atol=1e-12)
+
+
+def test_the_generator_gives_the_same_translation_in_either_form_of_its_up_blocks():
+    torch.manual_seed(0)
+    generator = Generator(preset("tiny", image_size=64)).double().eval()
+    x, target = torch.rand(2, 1, 64, 64, dtype=torch.float64) * 2 - 1, torch.tensor([0, 2])
+    with torch.no_grad():
+        phase = generator(x, target)
+        direct = use_phase_form(generator, False)(x, target)
+    assert not any(block.phase_form for block in generator.modules() if hasattr(block, "phase_form"))
+    torch.testing.assert_close(phase, direct, rtol=0, atol=1e-10)
+    assert not torch.equal(phase, generator(x, torch.tensor([1, 1])))  # the comparison can fail
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_instance_norm_equals_torch_instance_norm_with_its_gradients(grad):
+    torch.manual_seed(3)
+    norm = InstanceNorm(6, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0), norm.bias.uniform_(-1.0, 1.0)
+    x = (torch.randn(3, 6, 9, 11, dtype=torch.float64) * 4 + 2).requires_grad_(grad)
+    ours = norm.double()(x)
+    reference = F.instance_norm(x, weight=norm.weight, bias=norm.bias, eps=norm.eps)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    assert ours.std() > 0.5  # normalised, then scaled: not a trivial output
+    if grad:
+        upstream = torch.randn_like(ours)
+        ours_grads = torch.autograd.grad(ours, (x, norm.weight, norm.bias), upstream, retain_graph=True)
+        reference_grads = torch.autograd.grad(reference, (x, norm.weight, norm.bias), upstream)
+        for a, b in zip(ours_grads, reference_grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_the_instance_norm_is_as_accurate_as_torch_instance_norm_in_float32(layout):
+    """Channels far from zero mean (after a LeakyReLU, say) are where a one-pass variance fails."""
+    torch.manual_seed(4)
+    exact_input = torch.randn(2, 8, 16, 16, dtype=torch.float64) * 0.1 + 10
+    exact = F.instance_norm(exact_input)
+    x = exact_input.float().contiguous(memory_format=layout)
+    ours = (InstanceNorm(8, affine=True)(x).double() - exact).abs().max()
+    theirs = (F.instance_norm(x).double() - exact).abs().max()
+    assert ours < max(4 * theirs, 1e-5), (ours, theirs)

@@ -54,9 +54,13 @@ def test_converted_official_weights_reproduce_the_official_outputs():
     with torch.no_grad():
         out_image, out_area = generator(image, target, area)
         only_image = generator(image, target)
-    torch.testing.assert_close(out_image, expected_image, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out_area, expected_area, atol=1e-5, rtol=0)
-    torch.testing.assert_close(only_image, expected_image, atol=1e-5, rtol=0)
+    # The recorded fp32 outputs are themselves up to 1.0e-4 from the same network computed in
+    # float64 (instance norms over the 2 x 2 and 1 x 1 maps of a 32 px input amplify rounding), and
+    # ours (instance norm by group norm) up to 0.9e-4: the tolerance covers both roundings, while a
+    # wrong mapping or layer moves outputs by orders of magnitude more.
+    for ours, expected in ((out_image, expected_image), (out_area, expected_area), (only_image, expected_image)):
+        torch.testing.assert_close(ours, expected, atol=2.5e-4, rtol=0)
+    assert (out_image - out_area).abs().max() > 0.1  # the two streams differ: the check can fail
 
 
 def test_unknown_official_names_are_refused(tmp_path):

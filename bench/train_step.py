@@ -2,11 +2,13 @@
 
 Both trainers start from the same weights; their first step (untimed) runs on the same batch and
 random draws, and the largest loss difference is printed; the next (untimed) counts the FLOPs of
-each step. Then the two steps alternate, so that both see the same machine load, and the median
-ms/step of each and their ratio are printed.
-Both run under the same process settings: denormal floats flushed, and glibc malloc tuned
-(``configure_process``) unless ``--allocator default`` leaves glibc's defaults, to measure that
-setting's share across two runs.
+each step. ``reference_step`` runs on ``Trainer.literal`` (METHOD.md as written: G run again for
+the G step, one D call per input, fp32, default layout, torch.optim.Adam's default implementation,
+upsample-then-conv up blocks). Then the two steps alternate, so that both see the same machine
+load, twice: first under glibc malloc's defaults (how the official script, or any plain Python
+process, runs), then with malloc tuned as every targan command tunes it (``tune_cpu_allocator``,
+which cannot be undone in a process). Printed: medians and ratios of each part, and the headline
+ratio of the reference as the official code runs (defaults) to train_step as targan runs (tuned).
 
     .venv/bin/python bench/train_step.py --preset paper --image-size 64 --batch-size 4 --steps 5
 """
@@ -26,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 from targan_cli.config import PRESETS, preset  # noqa: E402
-from targan_cli.core.device import check_precision, configure_process, pick_device  # noqa: E402
+from targan_cli.core.device import check_precision, pick_device, tune_cpu_allocator  # noqa: E402
 from targan_cli.core.training import Batch, TarGAN, Trainer, TrainConfig, derived_generator  # noqa: E402
 
 SCHEDULE_STEPS = 25_000  # 50 epochs of CHAOS at batch 4
@@ -38,14 +40,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each kind")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each kind after the first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="autocast of the real step (the reference step is always fp32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile G and S in the real step")
     parser.add_argument("--no-reference", action="store_true", help="time the real step only")
-    parser.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
-                        help="glibc malloc as the CLI sets it up, or glibc's defaults")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -108,12 +107,37 @@ def counted_gflop(step, batch: Batch, generator: torch.Generator) -> float:
     return counter.flops / 1e9
 
 
+def timed_pairs(fast: Trainer, reference: Trainer | None, batches: list[Batch], seed: int, offset: int,
+                device: torch.device) -> tuple[list[float], list[float]]:
+    """Alternate the two steps over ``batches`` (after one untimed warm-up pair); ms of each."""
+    fast_ms, reference_ms = [], []
+    for index, batch in enumerate(batches):
+        elapsed, _ = timed(fast.train_step, batch, derived_generator(seed, offset + index), device)
+        if index > 0:
+            fast_ms.append(elapsed)
+        if reference is not None:
+            elapsed, _ = timed(reference.reference_step, batch, derived_generator(seed, offset + index), device)
+            if index > 0:
+                reference_ms.append(elapsed)
+    return fast_ms, reference_ms
+
+
+def report(label: str, fast_ms: list[float], reference_ms: list[float]) -> None:
+    runs = lambda times: ", ".join(f"{t:.0f}" for t in times)  # noqa: E731
+    print(f"{label}: train_step median {statistics.median(fast_ms):8.1f} ms/step (runs: {runs(fast_ms)})")
+    if reference_ms:
+        # Each reference step runs right after a real step: the ratio of each pair is the least
+        # disturbed by the machine's load drifting over the run.
+        pairs = [reference / fast for fast, reference in zip(fast_ms, reference_ms)]
+        print(f"{label}: reference_step median {statistics.median(reference_ms):8.1f} ms/step "
+              f"(runs: {runs(reference_ms)})")
+        print(f"{label}: speed-up {statistics.median(reference_ms) / statistics.median(fast_ms):.2f}x "
+              f"(ratio of medians), {statistics.median(pairs):.2f}x (median of step pairs)")
+
+
 def main() -> None:
     args = parse_args()
-    if args.allocator == "tuned":
-        configure_process()  # as every CLI command does, before torch starts its threads
-    else:
-        torch.set_flush_denormal(True)
+    torch.set_flush_denormal(True)  # both steps: this thread, before torch starts its pool
     device = pick_device(args.device)
     dtype = check_precision(args.precision, device)
     model_config = preset(args.preset, image_size=args.image_size)
@@ -122,56 +146,46 @@ def main() -> None:
     model = TarGAN(model_config, train_config)
     reference_model = None if args.no_reference else copy.deepcopy(model)
     fast = Trainer(model, train_config, device, precision=dtype, compile=args.compile)
-    reference = None if reference_model is None else Trainer(
-        reference_model, train_config, device, precision=None, channels_last=False, fused_optimizers=False)
+    reference = None if reference_model is None else Trainer.literal(reference_model, train_config, device)
 
-    total = 1 + args.warmup + args.steps
-    batches = make_batches(total, args.batch_size, args.image_size, model_config.num_modalities,
+    rounds = 1 + args.steps  # one warm-up pair, then the timed ones
+    batches = make_batches(2 + 2 * rounds, args.batch_size, args.image_size, model_config.num_modalities,
                            pin=device.type == "cuda")
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.2f}, allocator {args.allocator}")
+          f"load average {os.getloadavg()[0]:.2f}")
     print(f"preset {args.preset}, image {args.image_size}, batch {args.batch_size}, "
           f"precision {args.precision}{', compiled' if args.compile else ''}, "
           f"memory format {'channels_last' if fast.memory_format == torch.channels_last else 'contiguous'}")
 
-    fast_ms, reference_ms = [], []
-    for index, batch in enumerate(batches):
-        if index == 1 and args.warmup > 0:  # the first warm-up step of each kind counts FLOPs instead
-            fast_gflop = counted_gflop(fast.train_step, batch, derived_generator(args.seed, index))
-            line = f"GFLOP per step: train_step {fast_gflop:.1f}"
-            if reference is not None:
-                reference_gflop = counted_gflop(reference.reference_step, batch, derived_generator(args.seed, index))
-                line += f", reference_step {reference_gflop:.1f} (ratio {reference_gflop / fast_gflop:.2f})"
-            print(line)
-            continue
-        elapsed, fast_losses = timed(fast.train_step, batch, derived_generator(args.seed, index), device)
-        if index > args.warmup:
-            fast_ms.append(elapsed)
-        if reference is not None:
-            elapsed, reference_losses = timed(reference.reference_step, batch, derived_generator(args.seed, index),
-                                              device)
-            if index > args.warmup:
-                reference_ms.append(elapsed)
-            if index == 0:
-                difference = max(abs(fast_losses[name].item() - reference_losses[name].item())
-                                 / max(1.0, abs(reference_losses[name].item())) for name in reference_losses)
-                print(f"first step, same weights and batch: {len(reference_losses)} loss terms, "
-                      f"largest difference {difference:.2e} (relative to max(1, |loss|))")
+    # Step 0: same weights, batch and random draws; then the FLOPs of each step.
+    fast_losses = fast.train_step(batches[0], derived_generator(args.seed, 0))
+    if reference is not None:
+        reference_losses = reference.reference_step(batches[0], derived_generator(args.seed, 0))
+        difference = max(abs(fast_losses[name].item() - reference_losses[name].item())
+                         / max(1.0, abs(reference_losses[name].item())) for name in reference_losses)
+        print(f"first step, same weights and batch: {len(reference_losses)} loss terms, "
+              f"largest difference {difference:.2e} (relative to max(1, |loss|))")
+    fast_gflop = counted_gflop(fast.train_step, batches[1], derived_generator(args.seed, 1))
+    line = f"GFLOP per step: train_step {fast_gflop:.1f}"
+    if reference is not None:
+        reference_gflop = counted_gflop(reference.reference_step, batches[1], derived_generator(args.seed, 1))
+        line += f", reference_step {reference_gflop:.1f} (ratio {reference_gflop / fast_gflop:.2f})"
+    print(line)
 
-    fast_median = statistics.median(fast_ms)
-    print(f"train_step     median {fast_median:8.1f} ms/step  (runs: {', '.join(f'{t:.0f}' for t in fast_ms)})")
-    print(f"{SCHEDULE_STEPS:,} steps (the paper's CHAOS schedule) at this rate: "
+    # Part 1: glibc malloc's defaults, as the official script and any plain Python process run.
+    # Part 2: glibc malloc tuned as every targan command tunes it (it cannot be untuned after).
+    default_fast, default_reference = timed_pairs(fast, reference, batches[2:2 + rounds], args.seed, 2, device)
+    report("glibc defaults", default_fast, default_reference)
+    tuned = tune_cpu_allocator()
+    tuned_fast, tuned_reference = timed_pairs(fast, reference, batches[2 + rounds:], args.seed, 2 + rounds, device)
+    report("tuned allocator" if tuned else "allocator (tuning unavailable)", tuned_fast, tuned_reference)
+
+    fast_median = statistics.median(tuned_fast)
+    print(f"{SCHEDULE_STEPS:,} steps (the paper's CHAOS schedule) at the tuned rate: "
           f"{fast_median * SCHEDULE_STEPS / 60e3:.0f} min")
     if reference is not None:
-        reference_median = statistics.median(reference_ms)
-        print(f"reference_step median {reference_median:8.1f} ms/step  "
-              f"(runs: {', '.join(f'{t:.0f}' for t in reference_ms)})")
-        # Each reference step runs right after a real step: the ratio of each pair is the least
-        # disturbed by the machine's load drifting over the run.
-        pair_ratios = [reference / fast for fast, reference in zip(fast_ms, reference_ms)]
-        print(f"speed-up {reference_median / fast_median:.2f}x (ratio of medians), "
-              f"{statistics.median(pair_ratios):.2f}x (median of step pairs: "
-              f"{', '.join(f'{ratio:.2f}' for ratio in pair_ratios)})")
+        print(f"train_step as targan runs it (tuned) against reference_step as the official code runs "
+              f"(glibc defaults): {statistics.median(default_reference) / fast_median:.2f}x")
     print(f"load average after {os.getloadavg()[0]:.2f}")
 
 

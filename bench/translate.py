@@ -3,8 +3,11 @@ generator gets to this machine's convolution speed.
 
 Figures, all from this one process, each the best of ``--rounds`` rounds:
 - ``translate_slices`` (batched, the path of ``targan translate``) against a straightforward loop
-  that calls a contiguous-format copy of the same generator on one slice at a time under
-  ``torch.no_grad``, and the ratio;
+  that calls a copy of the same generator, in the default layout and with its up blocks as
+  METHOD.md writes them (upsample, then 3x3 conv), on one slice at a time under
+  ``torch.no_grad``, and the ratio; both first under glibc malloc's defaults (a plain Python
+  process), then with malloc tuned as every targan command tunes it (``tune_cpu_allocator``, which
+  cannot be undone in a process), and the ratio of targan's path (tuned) to the plain loop (defaults);
 - the generator's GFLOP/s inside ``translate_slices`` (FLOPs counted with
   torch.utils.flop_counter, both as executed and in the direct form of the up blocks), against
   the best GFLOP/s of a plain channels_last 3x3 convolution at a few of the generator's sizes:
@@ -18,10 +21,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import time
 from collections.abc import Callable
-from unittest import mock
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it, before torch loads OpenMP
 
@@ -30,10 +31,9 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from targan_cli.config import PRESETS, preset  # noqa: E402
-from targan_cli.core.device import autocast, check_precision, configure_process, pick_device  # noqa: E402
+from targan_cli.core.device import autocast, check_precision, pick_device, tune_cpu_allocator  # noqa: E402
 from targan_cli.core.inference import translate_slices  # noqa: E402
-from targan_cli.core import networks  # noqa: E402
-from targan_cli.core.networks import Generator  # noqa: E402
+from targan_cli.core.networks import Generator, use_phase_form  # noqa: E402
 
 TARGET = 1
 
@@ -94,8 +94,8 @@ def generator_flops_per_slice(generator: Generator, size: int, device: torch.dev
     form (upsample, then 3x3 conv: 2.25x the FLOPs of the phase form), the usual way to count
     "effective" FLOPs of a fast algorithm."""
     counter = FlopCounterMode(display=False)
-    threshold = sys.maxsize if direct else networks.PHASE_FORM_MIN_SIZE
-    with torch.inference_mode(), counter, mock.patch.object(networks, "PHASE_FORM_MIN_SIZE", threshold):
+    generator = use_phase_form(copy.deepcopy(generator), False) if direct else generator
+    with torch.inference_mode(), counter:
         generator(torch.zeros(1, 1, size, size, device=device), torch.tensor([TARGET], device=device))
     return float(counter.get_total_flops())
 
@@ -123,15 +123,35 @@ def best_convolution_gflops(config, batch: int, device: torch.device,
     return best, best_shape
 
 
+def timed_paths(generator: Generator, literal: Generator, slices: np.ndarray, args: argparse.Namespace,
+                device: torch.device, dtype: torch.dtype | None) -> tuple[float, float, float, str]:
+    """Rounds of (batched, loop, convolution probe), each figure the best of its rounds: the
+    machine's load changes from minute to minute, and the best is the least disturbed.
+    Returns slices/s of translate_slices and of the loop, the best conv GFLOP/s and its shape."""
+    batched_times, looped_times, convolution_rates = [], [], []
+    for _ in range(args.rounds):
+        batched_times.append(seconds(lambda: translate_slices(generator, slices, TARGET, batch_size=args.batch_size,
+                                                              dtype=dtype), device))
+        looped_times.append(seconds(lambda: one_slice_loop(literal, slices, device), device))
+        convolution_rates.append(best_convolution_gflops(generator.config, args.batch_size, device, dtype))
+    rounds = lambda times: ", ".join(f"{args.slices / t:.2f}" for t in times)  # noqa: E731
+    print(f"  translate_slices  {args.slices / min(batched_times):8.2f} slices/s  (rounds: {rounds(batched_times)})")
+    print(f"  one-slice loop    {args.slices / min(looped_times):8.2f} slices/s  (rounds: {rounds(looped_times)})")
+    best, shape = max(convolution_rates)
+    return args.slices / min(batched_times), args.slices / min(looped_times), best, shape
+
+
 def main() -> None:
     args = parse_args()
-    configure_process()  # as every CLI command does, before torch starts its threads
+    torch.set_flush_denormal(True)  # both paths: this thread, before torch starts its pool
     device = pick_device(args.device)
     dtype = check_precision(args.precision, device)
     config = preset(args.preset, image_size=args.image_size)
     torch.manual_seed(args.seed)
     generator = Generator(config).eval().to(device)
-    literal = copy.deepcopy(generator)  # stays in the default layout: translate_slices may switch its own
+    # The loop's generator: default layout (translate_slices may switch its own), and every up
+    # block as METHOD.md writes it, upsampling then a 3x3 conv.
+    literal = use_phase_form(copy.deepcopy(generator), False)
     slices = synthetic_slices(args.slices, args.image_size, args.seed)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f}")
@@ -142,26 +162,22 @@ def main() -> None:
     warm = slices[: args.batch_size if device.type == "cuda" else 1]
     translate_slices(generator, warm, TARGET, batch_size=args.batch_size, dtype=dtype)
     one_slice_loop(literal, warm[:1], device)
-
-    # Rounds of (batched, loop, convolution probe): the machine's load changes from minute to
-    # minute, so each figure is the best of its rounds, measured close in time to the others.
-    batched_times, looped_times, convolution_rates = [], [], []
-    for _ in range(args.rounds):
-        batched_times.append(seconds(lambda: translate_slices(generator, slices, TARGET, batch_size=args.batch_size,
-                                                              dtype=dtype), device))
-        looped_times.append(seconds(lambda: one_slice_loop(literal, slices, device), device))
-        convolution_rates.append(best_convolution_gflops(config, args.batch_size, device, dtype))
     difference = float(np.abs(translate_slices(generator, slices[:2], TARGET, batch_size=args.batch_size)
                               - one_slice_loop(literal, slices[:2], device)).max())
-    batched_rate, looped_rate = args.slices / min(batched_times), args.slices / min(looped_times)
-    best, best_shape = max(convolution_rates)
-    print(f"translate_slices  {batched_rate:8.2f} slices/s  (rounds: "
-          f"{', '.join(f'{args.slices / t:.2f}' for t in batched_times)})")
-    print(f"one-slice loop    {looped_rate:8.2f} slices/s  (rounds: "
-          f"{', '.join(f'{args.slices / t:.2f}' for t in looped_times)})")
-    print(f"speed-up {batched_rate / looped_rate:.2f}x  (largest fp32 output difference {difference:.1e})")
-    print(f"best plain 3x3 convolution {best:.1f} GFLOP/s ({best_shape}, channels_last; rounds: "
-          f"{', '.join(f'{rate:.1f}' for rate, _ in convolution_rates)})")
+    print(f"largest fp32 output difference between the two paths: {difference:.1e}")
+
+    # Part 1 under glibc malloc's defaults (any plain Python process); part 2 with malloc tuned as
+    # every targan command tunes it (which cannot be undone in a process).
+    print("glibc defaults:")
+    default_batched, default_looped, _, _ = timed_paths(generator, literal, slices, args, device, dtype)
+    print(f"  speed-up {default_batched / default_looped:.2f}x")
+    tuned = tune_cpu_allocator()
+    print("tuned allocator:" if tuned else "allocator (tuning unavailable):")
+    batched_rate, looped_rate, best, best_shape = timed_paths(generator, literal, slices, args, device, dtype)
+    print(f"  speed-up {batched_rate / looped_rate:.2f}x")
+    print(f"translate_slices as targan runs it (tuned) against the loop in a plain process (glibc defaults): "
+          f"{batched_rate / default_looped:.2f}x")
+    print(f"best plain 3x3 convolution {best:.1f} GFLOP/s ({best_shape}, channels_last, tuned allocator)")
     for direct in (False, True):
         flops = generator_flops_per_slice(generator, args.image_size, device, direct)
         achieved = flops * batched_rate / 1e9

@@ -99,3 +99,16 @@ def test_readme_lists_the_two_setup_commands_and_skips_only_what_it_must():
     assert len(commands) >= 15
     skipped = [c for c in commands if any(key in c for key in SKIPPED)]
     assert len(skipped) <= len(commands) // 2
+
+
+def test_every_relative_link_of_the_readmes_and_docs_points_to_a_file():
+    root = README.parent
+    pages = [README, root / "weights" / "README.md", root / "bench" / "README.md", *sorted((root / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address or an anchor in the page
+            checked += 1
+            assert (page.parent / target.split("#")[0]).exists(), f"{page.relative_to(root)} links to missing {target}"
+    assert checked >= 20  # the pages do link to each other and to their images

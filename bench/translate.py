@@ -5,9 +5,10 @@ Figures, all from this one process, each the best of ``--rounds`` rounds:
 - ``translate_slices`` (batched, the path of ``targan translate``) against a straightforward loop
   that calls a copy of the same generator, in the default layout and with its up blocks as
   METHOD.md writes them (upsample, then 3x3 conv), on one slice at a time under
-  ``torch.no_grad``, and the ratio; both first under glibc malloc's defaults (a plain Python
-  process), then with malloc tuned as every targan command tunes it (``tune_cpu_allocator``, which
-  cannot be undone in a process), and the ratio of targan's path (tuned) to the plain loop (defaults);
+  ``torch.no_grad``, and the ratio; on the CPU both first under glibc malloc's defaults (a plain
+  Python process), then with malloc tuned as every targan command tunes it (``tune_cpu_allocator``,
+  which cannot be undone in a process), and the ratio of targan's path (tuned) to the plain loop
+  (defaults);
 - the generator's GFLOP/s inside ``translate_slices`` (FLOPs counted with
   torch.utils.flop_counter, both as executed and in the direct form of the up blocks), against
   the best GFLOP/s of a plain channels_last 3x3 convolution at a few of the generator's sizes:
@@ -166,18 +167,22 @@ def main() -> None:
                               - one_slice_loop(literal, slices[:2], device)).max())
     print(f"largest fp32 output difference between the two paths: {difference:.1e}")
 
-    # Part 1 under glibc malloc's defaults (any plain Python process); part 2 with malloc tuned as
-    # every targan command tunes it (which cannot be undone in a process).
-    print("glibc defaults:")
-    default_batched, default_looped, _, _ = timed_paths(generator, literal, slices, args, device, dtype)
-    print(f"  speed-up {default_batched / default_looped:.2f}x")
+    # On the CPU, part 1 runs under glibc malloc's defaults (any plain Python process), part 2 with
+    # malloc tuned as every targan command tunes it (which cannot be undone in a process).
+    # Elsewhere host malloc hardly matters: part 2 only.
+    default_looped = None
+    if device.type == "cpu":
+        print("glibc defaults:")
+        default_batched, default_looped, _, _ = timed_paths(generator, literal, slices, args, device, dtype)
+        print(f"  speed-up {default_batched / default_looped:.2f}x")
     tuned = tune_cpu_allocator()
     print("tuned allocator:" if tuned else "allocator (tuning unavailable):")
     batched_rate, looped_rate, best, best_shape = timed_paths(generator, literal, slices, args, device, dtype)
     print(f"  speed-up {batched_rate / looped_rate:.2f}x")
-    print(f"translate_slices as targan runs it (tuned) against the loop in a plain process (glibc defaults): "
-          f"{batched_rate / default_looped:.2f}x")
-    print(f"best plain 3x3 convolution {best:.1f} GFLOP/s ({best_shape}, channels_last, tuned allocator)")
+    if default_looped:
+        print(f"translate_slices as targan runs it (tuned) against the loop in a plain process (glibc "
+              f"defaults): {batched_rate / default_looped:.2f}x")
+    print(f"best plain 3x3 convolution {best:.1f} GFLOP/s ({best_shape}, channels_last)")
     for direct in (False, True):
         flops = generator_flops_per_slice(generator, args.image_size, device, direct)
         achieved = flops * batched_rate / 1e9

@@ -235,6 +235,22 @@ def test_a_blank_mr_volume_is_refused_with_the_file_named(tmp_path: Path, weight
     assert list(tmp_path.iterdir()) == [source]  # no partial or temporary output
 
 
+def test_a_failure_before_writing_leaves_no_new_output_folder(tmp_path: Path, weights: Path) -> None:
+    source = write_nifti(tmp_path / "blank.nii.gz", np.full((20, 24, 5), 7, np.int16), canonical_affine(SHAPE))
+    with pytest.raises(TarganError, match="blank"):
+        translate(source, tmp_path / "new" / "deeper" / "out.nii.gz", to="ct", source="t1w", weights=weights,
+                  device="cpu")
+    assert list(tmp_path.iterdir()) == [source]
+
+
+def test_missing_output_folders_are_created_when_the_output_is_written(tmp_path: Path, weights: Path,
+                                                                       ct_canonical: np.ndarray) -> None:
+    output = tmp_path / "new" / "deeper" / "out.nii.gz"
+    source = _ct_file(tmp_path, ct_canonical)
+    translate(source, output, to="t2w", source="ct", weights=weights, device="cpu")
+    assert nib.load(output).shape == nib.load(source).shape
+
+
 # ----------------------------------------------------------------------------- folders and parts
 
 
@@ -282,7 +298,7 @@ def test_a_damaged_case_in_a_folder_fails_before_anything_is_written(tmp_path: P
     with pytest.raises(TarganError) as caught:
         translate(cases, tmp_path / "out", to="t2w", source="ct", weights=weights, device="cpu")
     assert caught.value.path == cases / "b.nii.gz"
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # not even an empty output folder
 
 
 def test_an_empty_folder_is_refused(tmp_path: Path, weights: Path) -> None:

@@ -17,15 +17,28 @@ from targan_cli.errors import TarganError
 
 
 def check_writable(path: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output without ``overwrite``; create the parent folder."""
+    """Refuse, before any work, an existing output without ``overwrite`` and an output that cannot
+    be written (the nearest existing folder above it is a file or not writable). Creates nothing:
+    ``atomic_output`` creates the missing folders when it writes, so a command that fails before
+    then leaves no empty folder behind."""
     path = Path(path)
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise TarganError("already exists; pass --overwrite to replace it", path)
+    existing = path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TarganError("is a file: cannot create the output folder under it", existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TarganError("cannot write here: permission denied", existing)
+    return path
+
+
+def _make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise TarganError(f"cannot create the output folder: {error.strerror or error}", path.parent) from None
-    return path
 
 
 def _temporary_name(path: Path, is_dir: bool) -> Path:
@@ -49,6 +62,7 @@ def atomic_output(path: str | Path, overwrite: bool = False, is_dir: bool = Fals
     With ``is_dir`` the temporary is a folder, moved into place as a whole.
     """
     path = check_writable(path, overwrite)
+    _make_parent(path)
     temporary = _temporary_name(path, is_dir)
     try:
         yield temporary

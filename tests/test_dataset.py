@@ -393,3 +393,46 @@ def test_invalid_dataset_json_names_the_file(data_root: Path) -> None:
     with pytest.raises(TarganError, match="unknown field") as error:
         open_data_dir(data_root)
     assert error.value.path == data_root / "dataset.json"
+
+
+_LOAD_IN_ANOTHER_PROCESS = """
+import sys
+from targan_cli.data.dataset import load_slices, open_data_dir
+built = []
+slices = load_slices(open_data_dir(sys.argv[1]), "train", 16, progress=built.append)
+print(len(slices), len(built))
+"""
+
+
+@pytest.mark.skipif(dataset_module.fcntl is None, reason="no POSIX file locks on this system")
+def test_two_processes_needing_the_same_cache_build_it_once(data_root: Path) -> None:
+    """While one process holds the cache folder (as during a build), another waits without
+    building; once it is free, one of the two builds and the other reads what it built."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    cache_root = data_root / ".cache"
+    cache_root.mkdir()
+    holder = os.open(cache_root, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # what a building process holds
+    other = subprocess.Popen([sys.executable, "-c", _LOAD_IN_ANOTHER_PROCESS, str(data_root)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)  # ample time for the other process to reach the lock
+        waiting, written = other.poll() is None, list(cache_root.iterdir())
+        os.close(holder)  # let go: now both race for the cache
+        steps: list[int] = []
+        ours = load_slices(open_data_dir(data_root), "train", 16, progress=steps.append)
+        stdout, stderr = other.communicate(timeout=120)
+    finally:
+        if other.poll() is None:
+            other.kill()
+    assert waiting and written == [], "the other process did not wait for the cache"
+    assert other.returncode == 0, stderr
+    count, their_calls = (int(value) for value in stdout.split())
+    assert count == len(ours) == 11
+    # A build reports each of the 4 volumes; a reader reports all 4 at once.
+    assert sorted([len(steps), their_calls]) == [1, 4], (steps, their_calls)
+    assert len(list(cache_root.iterdir())) == 1

@@ -19,14 +19,20 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: the cache is then built without a lock
+    fcntl = None
 
 from targan_cli.config import DatasetSpec, IntensitySettings, ModalitySpec, default_modalities, read_json
 from targan_cli.core.intensity import (BODY_MIN_FRACTION, BODY_THRESHOLD, body_mask, fit_reference_high,
@@ -240,19 +246,44 @@ def load_slices(data: DataDir, split: str, image_size: int, cache_dir: Path | No
     if cached is None:
         new_cache_root = not cache_root.exists()
         try:
-            with atomic_output(folder, overwrite=folder.exists(), is_dir=True) as temporary:
-                _build_cache(temporary, data, cases, image_size, digest, progress)
+            with _exclusive(cache_root):
+                cached = _open_cache(folder, digest)  # another process may have built it meanwhile
+                if cached is None:
+                    with atomic_output(folder, overwrite=folder.exists(), is_dir=True) as temporary:
+                        _build_cache(temporary, data, cases, image_size, digest, progress)
+                    cached = _open_cache(folder, digest)
+                    if cached is None:
+                        raise TarganError("the slice cache just written cannot be read back", folder)
+                    return cached
         except BaseException:
             if new_cache_root:  # a failed first build leaves the DATA folder as it was
                 with contextlib.suppress(OSError):
                     cache_root.rmdir()
             raise
-        cached = _open_cache(folder, digest)
-        if cached is None:
-            raise TarganError("the slice cache just written cannot be read back", folder)
-    elif progress is not None:
+    if progress is not None:
         progress(len(cases))
     return cached
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Create ``folder`` if missing and hold an exclusive lock on it while the block runs, so that
+    two processes needing the same cache build it once: the second waits, then reads it. A POSIX
+    advisory lock (flock) on the folder itself, so no lock file lies in the cache; where there is
+    none, the block runs unlocked."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = os.open(folder, os.O_RDONLY) if fcntl is not None else None
+    except OSError as error:
+        raise TarganError(f"cannot write the slice cache here: {error.strerror or error}", folder) from None
+    if handle is None:
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def _file_stamp(path: Path) -> list[object]:

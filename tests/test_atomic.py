@@ -58,3 +58,29 @@ def test_folders_are_replaced_whole(tmp_path):
         (temporary / "new.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["weights"]
+
+
+def test_temporaries_left_by_a_killed_process_of_this_host_are_removed_on_the_next_write(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = int(finished.stdout)  # a process id that no longer runs
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:40] or "host"
+    stale = tmp_path / f".out.tmp-{host}_{dead}-abc123.nii.gz"
+    stale_folder = tmp_path / f".out.tmp-{host}_{dead}-def456"
+    live = tmp_path / f".out.tmp-{host}_{os.getpid()}-ghi789.nii.gz"  # a running writer's
+    elsewhere = tmp_path / f".out.tmp-otherhost_{dead}-jkl012.nii.gz"  # another host's, on a shared disk
+    other_name = tmp_path / f".other.tmp-{host}_{dead}-mno345.nii.gz"  # another output's
+    for path in (stale, live, elsewhere, other_name):
+        path.write_bytes(b"partial")
+    stale_folder.mkdir()
+    (stale_folder / "model.safetensors").write_bytes(b"partial")
+
+    with atomic_output(tmp_path / "out.nii.gz") as temporary:
+        assert temporary.name.startswith(f".out.tmp-{host}_{os.getpid()}-")
+        temporary.write_bytes(b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out.nii.gz", live.name, elsewhere.name, other_name.name])

@@ -156,10 +156,11 @@ def test_translate_killed_while_writing_leaves_complete_or_previous_outputs(tmp_
     assert all(p.name.startswith(".") and ".tmp-" in p.name for p in out.iterdir()
                if p.name not in ("a.nii.gz", "b.nii.gz"))
 
-    result = runner.invoke(COMMAND, arguments)  # a rerun completes; leftover temporaries are no obstacle
+    result = runner.invoke(COMMAND, arguments)  # a rerun completes and removes the killed run's temporaries
     assert result.exit_code == 0, result.output
     for name in ("a", "b"):
         assert _complete_nifti(out / f"{name}.nii.gz").shape == FILE_SHAPE
+    assert _temporaries(out) == []
 
 
 def test_enrich_killed_while_writing_resumes_into_a_valid_dataset(tmp_path: Path, weights: Path) -> None:

@@ -2,13 +2,17 @@
 
 A failure (an exception, Ctrl-C, a full disk) removes the temporary file, so a user finds either
 the complete previous output or none. An existing output is never replaced unless ``overwrite``.
+A temporary's name holds its host and process id, so that the next write of the same name
+removes what a killed process (SIGKILL, a power cut) left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,9 +45,37 @@ def _make_parent(path: Path) -> None:
         raise TarganError(f"cannot create the output folder: {error.strerror or error}", path.parent) from None
 
 
+def _owner() -> str:
+    """This process as part of a temporary's name: host (letters and digits) and process id."""
+    return f"{re.sub(r'[^A-Za-z0-9]', '', socket.gethostname())[:40] or 'host'}_{os.getpid()}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of ``path``'s name left by a killed process of this host (its id
+    is in their name, and no process of that id runs): a SIGKILL leaves no one else to do it.
+    Temporaries of running processes and of other hosts (a shared file system) are left alone."""
+    pattern = re.compile(rf"^\.{re.escape(path.name.split('.')[0])}\.tmp-(?P<host>[A-Za-z0-9]+)_(?P<pid>\d+)-")
+    host = _owner().rsplit("_", 1)[0]
+    with contextlib.suppress(OSError):
+        for sibling in path.parent.iterdir():
+            match = pattern.match(sibling.name)
+            if match and match["host"] == host and not _running(int(match["pid"])):
+                _remove(sibling)
+
+
 def _temporary_name(path: Path, is_dir: bool) -> Path:
     # Keep the full suffix (".nii.gz") so that writers which infer the format from it still work.
-    prefix = f".{path.name.split('.')[0]}.tmp-"
+    prefix = f".{path.name.split('.')[0]}.tmp-{_owner()}-"
     suffix = "".join(path.suffixes)
     try:
         if is_dir:
@@ -63,6 +95,7 @@ def atomic_output(path: str | Path, overwrite: bool = False, is_dir: bool = Fals
     """
     path = check_writable(path, overwrite)
     _make_parent(path)
+    _remove_stale_temporaries(path)
     temporary = _temporary_name(path, is_dir)
     try:
         yield temporary

@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 from targan_cli.config import PRESETS, preset  # noqa: E402
-from targan_cli.core.device import check_precision, pick_device, tune_cpu_allocator  # noqa: E402
+from targan_cli.core.device import check_precision, configure_process, pick_device, tune_cpu_allocator  # noqa: E402
 from targan_cli.core.training import Batch, TarGAN, Trainer, TrainConfig, derived_generator  # noqa: E402
 
 SCHEDULE_STEPS = 25_000  # 50 epochs of CHAOS at batch 4
@@ -138,7 +138,7 @@ def report(label: str, fast_ms: list[float], reference_ms: list[float]) -> None:
 
 def main() -> None:
     args = parse_args()
-    torch.set_flush_denormal(True)  # both steps: this thread, before torch starts its pool
+    configure_process(tune_allocator=False)  # as the CLI, but glibc malloc untuned until part 2
     device = pick_device(args.device)
     dtype = check_precision(args.precision, device)
     model_config = preset(args.preset, image_size=args.image_size)

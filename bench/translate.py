@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from targan_cli.config import PRESETS, preset  # noqa: E402
-from targan_cli.core.device import autocast, check_precision, pick_device, tune_cpu_allocator  # noqa: E402
+from targan_cli.core.device import (autocast, check_precision, configure_process, pick_device,  # noqa: E402
+                                    tune_cpu_allocator)
 from targan_cli.core.inference import translate_slices  # noqa: E402
 from targan_cli.core.networks import Generator, use_phase_form  # noqa: E402
 
@@ -144,7 +145,7 @@ def timed_paths(generator: Generator, literal: Generator, slices: np.ndarray, ar
 
 def main() -> None:
     args = parse_args()
-    torch.set_flush_denormal(True)  # both paths: this thread, before torch starts its pool
+    configure_process(tune_allocator=False)  # as the CLI, but glibc malloc untuned until part 2
     device = pick_device(args.device)
     dtype = check_precision(args.precision, device)
     config = preset(args.preset, image_size=args.image_size)

@@ -1,7 +1,10 @@
 """Atomic outputs: complete or absent, never over an existing file without overwrite."""
 
 import os
+import socket
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -61,10 +64,6 @@ def test_folders_are_replaced_whole(tmp_path):
 
 
 def test_temporaries_left_by_a_killed_process_of_this_host_are_removed_on_the_next_write(tmp_path):
-    import socket
-    import subprocess
-    import sys
-
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True)
     dead = int(finished.stdout)  # a process id that no longer runs

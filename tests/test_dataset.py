@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -408,15 +411,10 @@ print(len(slices), len(built))
 def test_two_processes_needing_the_same_cache_build_it_once(data_root: Path) -> None:
     """While one process holds the cache folder (as during a build), another waits without
     building; once it is free, one of the two builds and the other reads what it built."""
-    import fcntl
-    import subprocess
-    import sys
-    import time
-
     cache_root = data_root / ".cache"
     cache_root.mkdir()
     holder = os.open(cache_root, os.O_RDONLY)
-    fcntl.flock(holder, fcntl.LOCK_EX)  # what a building process holds
+    dataset_module.fcntl.flock(holder, dataset_module.fcntl.LOCK_EX)  # what a building process holds
     other = subprocess.Popen([sys.executable, "-c", _LOAD_IN_ANOTHER_PROCESS, str(data_root)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

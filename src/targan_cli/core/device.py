@@ -40,7 +40,7 @@ def tune_cpu_allocator() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
-def configure_process() -> None:
+def configure_process(tune_allocator: bool = True) -> None:
     """Process-wide CPU settings for speed; call before the first torch computation.
 
     Flushes denormal floats to zero: GAN weights and gradients drift into the denormal range,
@@ -48,10 +48,12 @@ def configure_process() -> None:
     6 s instead of 0.5 s); values below 1e-38 make no difference to the result. The setting is per
     thread, and torch's worker threads copy it only when they start, so it must come before torch
     starts its thread pool: the CLI calls this first thing in every command. Also keeps freed
-    memory in the process (``tune_cpu_allocator``).
+    memory in the process (``tune_cpu_allocator``), unless ``tune_allocator`` is False (the
+    benchmarks time glibc's defaults first, then tune).
     """
     torch.set_flush_denormal(True)
-    tune_cpu_allocator()
+    if tune_allocator:
+        tune_cpu_allocator()
 
 
 def pick_device(name: str = "auto") -> torch.device:

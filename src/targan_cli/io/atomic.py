@@ -45,9 +45,9 @@ def _make_parent(path: Path) -> None:
         raise TarganError(f"cannot create the output folder: {error.strerror or error}", path.parent) from None
 
 
-def _owner() -> str:
-    """This process as part of a temporary's name: host (letters and digits) and process id."""
-    return f"{re.sub(r'[^A-Za-z0-9]', '', socket.gethostname())[:40] or 'host'}_{os.getpid()}"
+def _host() -> str:
+    """This machine's name as part of a temporary's name: letters and digits only."""
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
 
 
 def _running(pid: int) -> bool:
@@ -55,8 +55,8 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # another user's process: it runs
+        pass
     return True
 
 
@@ -65,17 +65,16 @@ def _remove_stale_temporaries(path: Path) -> None:
     is in their name, and no process of that id runs): a SIGKILL leaves no one else to do it.
     Temporaries of running processes and of other hosts (a shared file system) are left alone."""
     pattern = re.compile(rf"^\.{re.escape(path.name.split('.')[0])}\.tmp-(?P<host>[A-Za-z0-9]+)_(?P<pid>\d+)-")
-    host = _owner().rsplit("_", 1)[0]
     with contextlib.suppress(OSError):
         for sibling in path.parent.iterdir():
             match = pattern.match(sibling.name)
-            if match and match["host"] == host and not _running(int(match["pid"])):
+            if match and match["host"] == _host() and not _running(int(match["pid"])):
                 _remove(sibling)
 
 
 def _temporary_name(path: Path, is_dir: bool) -> Path:
     # Keep the full suffix (".nii.gz") so that writers which infer the format from it still work.
-    prefix = f".{path.name.split('.')[0]}.tmp-{_owner()}-"
+    prefix = f".{path.name.split('.')[0]}.tmp-{_host()}_{os.getpid()}-"
     suffix = "".join(path.suffixes)
     try:
         if is_dir:

@@ -113,6 +113,10 @@ def render_montage(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[st
     left = int(np.ceil(label_width)) + 2 * MARGIN
     top = text_height + 2 * MARGIN
     step = tile_size + MARGIN
+    if row_windows is not None:  # windows[r][c]: one grid, whichever way the windows were given
+        windows = [[window] * len(column_labels) for window in row_windows]
+    else:
+        windows = [list(column_windows or [None] * len(column_labels))] * len(rows)
     canvas = Image.new(mode, (left + len(column_labels) * step, top + len(rows) * step), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for column, label in enumerate(column_labels):
@@ -121,12 +125,9 @@ def render_montage(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[st
         y = top + row_index * step
         draw.text((MARGIN, y + (tile_size - text_height) // 2), label, fill=text, font=font)
         for column, image in enumerate(row):
-            if row_windows is not None:
-                window = row_windows[row_index]
-            else:
-                window = column_windows[column] if column_windows is not None else None
             outline = outlines[row_index][column] if outlines is not None else None
-            canvas.paste(_tile(image, window, tile_size, outline, outline_colour), (left + column * step, y))
+            canvas.paste(_tile(image, windows[row_index][column], tile_size, outline, outline_colour),
+                         (left + column * step, y))
     return canvas
 
 

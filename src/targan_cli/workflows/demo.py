@@ -111,8 +111,7 @@ def _wins(result: EvaluationResult) -> dict[str, bool]:
     return wins
 
 
-def _translate_case(weights: Weights, data: DataDir, case: Case, folder: Path,
-                    device_batch: int) -> dict[str, Path]:
+def _translate_case(weights: Weights, case: Case, folder: Path, device_batch: int) -> dict[str, Path]:
     """The held-out case in every other modality, written beside its name; target -> path."""
     volume = read_volume(case.image)
     outputs = {}
@@ -268,7 +267,7 @@ def run_demo(out: str | Path = "targan-demo", *, device: str = "auto", quick: bo
     translations = {}
     for index, case in enumerate(cases):
         report(DemoProgress("Translating", index, len(cases)))
-        translations[case.modality] = _translate_case(weights, data, case, out / TRANSLATIONS, settings.batch_size)
+        translations[case.modality] = _translate_case(weights, case, out / TRANSLATIONS, settings.batch_size)
     report(DemoProgress("Translating", len(cases), len(cases)))
 
     evaluated, evaluations = 0, None

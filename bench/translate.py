@@ -35,7 +35,7 @@ from targan_cli.config import PRESETS, preset  # noqa: E402
 from targan_cli.core.device import (autocast, check_precision, configure_process, pick_device,  # noqa: E402
                                     tune_cpu_allocator)
 from targan_cli.core.inference import translate_slices  # noqa: E402
-from targan_cli.core.networks import Generator, use_phase_form  # noqa: E402
+from targan_cli.core.networks import Generator, use_fast_forms  # noqa: E402
 
 TARGET = 1
 
@@ -96,7 +96,7 @@ def generator_flops_per_slice(generator: Generator, size: int, device: torch.dev
     form (upsample, then 3x3 conv: 2.25x the FLOPs of the phase form), the usual way to count
     "effective" FLOPs of a fast algorithm."""
     counter = FlopCounterMode(display=False)
-    generator = use_phase_form(copy.deepcopy(generator), False) if direct else generator
+    generator = use_fast_forms(copy.deepcopy(generator), False) if direct else generator
     with torch.inference_mode(), counter:
         generator(torch.zeros(1, 1, size, size, device=device), torch.tensor([TARGET], device=device))
     return float(counter.get_total_flops())
@@ -153,7 +153,7 @@ def main() -> None:
     generator = Generator(config).eval().to(device)
     # The loop's generator: default layout (translate_slices may switch its own), and every up
     # block as METHOD.md writes it, upsampling then a 3x3 conv.
-    literal = use_phase_form(copy.deepcopy(generator), False)
+    literal = use_fast_forms(copy.deepcopy(generator), False)
     slices = synthetic_slices(args.slices, args.image_size, args.seed)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f}")

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from targan_cli.config import PRESETS, ModelConfig, preset
-from targan_cli.core.networks import (Discriminator, Generator, InstanceNorm, ShapeController,
-                                      nearest_upsample_conv3x3,
-                                      parameter_count, target_onehot, use_phase_form)
+from targan_cli.core.networks import (Conv2d, Discriminator, Generator, InstanceNorm, ShapeController,
+                                      live_taps, nearest_upsample_conv3x3,
+                                      parameter_count, target_onehot, use_fast_forms)
 from targan_cli.errors import TarganError
 
 
@@ -112,10 +112,77 @@ def test_the_generator_gives_the_same_translation_in_either_form_of_its_up_block
     x, target = torch.rand(2, 1, 64, 64, dtype=torch.float64) * 2 - 1, torch.tensor([0, 2])
     with torch.no_grad():
         phase = generator(x, target)
-        direct = use_phase_form(generator, False)(x, target)
-    assert not any(block.phase_form for block in generator.modules() if hasattr(block, "phase_form"))
+        direct = use_fast_forms(generator, False)(x, target)
+    assert not any(block.fast_form for block in generator.modules() if hasattr(block, "fast_form"))
     torch.testing.assert_close(phase, direct, rtol=0, atol=1e-10)
     assert not torch.equal(phase, generator(x, torch.tensor([1, 1])))  # the comparison can fail
+
+
+@pytest.mark.parametrize("axis, taps", [
+    ((2, 4, 2, 1), (1, 2)),  # the paper D's last conv at 64 px: a 2 x 2 map, 4 x 4 kernel padded by 1
+    ((1, 3, 1, 1), (1, 1)),  # a 3 x 3 head on a 1 x 1 map: the centre tap
+    ((4, 4, 2, 1), (0, 3)),  # every tap meets the map
+    ((8, 3, 1, 1), (0, 2)),
+    ((3, 4, 2, 1), (1, 3)),  # one window over rows -1 to 2
+    ((1, 4, 1, 2), (1, 2)),  # two windows, each meets the map with another tap
+])
+def test_live_taps_are_the_taps_that_meet_the_input(axis, taps):
+    assert live_taps(*axis) == taps
+    size, kernel, stride, padding = axis
+    first, last = taps
+    outputs = (size + 2 * padding - kernel) // stride + 1
+    met = [t for t in range(kernel) if any(0 <= o * stride - padding + t < size for o in range(outputs))]
+    assert met == list(range(first, last + 1))  # exactly the taps that meet the map
+
+
+def _penalized_critic(disc: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A discriminator loss with a gradient penalty: needs the double backward, as training does."""
+    x = x.clone().requires_grad_()
+    critique = disc(x)
+    grad, = torch.autograd.grad(critique.src.sum(), x, create_graph=True)
+    return critique.src.mean() + critique.cls.square().mean() + (grad.flatten(1).norm(dim=1) - 1).square().mean()
+
+
+@pytest.mark.parametrize("kernel, stride, padding, size", [(4, 2, 1, 2), (3, 1, 1, 1), (4, 1, 2, 1), (4, 2, 1, 6)])
+def test_the_conv_without_its_padding_only_taps_equals_the_plain_conv_with_every_gradient(kernel, stride,
+                                                                                         padding, size):
+    torch.manual_seed(kernel + size)
+    conv = Conv2d(5, 7, kernel, stride, padding).double()
+    x = torch.randn(3, 5, size, size, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fast in (True, False):
+        conv.fast_form = fast
+        out = conv(x)
+        grad_x, = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        grads = torch.autograd.grad(out.sum() + grad_x.square().sum(), [x, conv.weight, conv.bias])
+        results.append((out, *grads))
+    for fast, plain in zip(*results):
+        torch.testing.assert_close(fast, plain, rtol=0, atol=1e-12)
+    if size < kernel:  # the padding-only taps get exactly no gradient, as in the plain conv
+        first, last = live_taps(size, kernel, stride, padding)
+        dead = torch.ones(kernel, kernel, dtype=torch.bool)
+        dead[first:last + 1, first:last + 1] = False
+        assert results[0][2][:, :, dead].abs().max() == 0 and results[0][2].abs().max() > 0
+
+
+def test_the_discriminator_gives_the_same_losses_and_gradients_in_either_form_of_its_convs():
+    # disc_depth 5 at 32 px: the last strided conv sees a 2 x 2 map, the src head a 1 x 1 one.
+    torch.manual_seed(1)
+    disc = Discriminator(preset("tiny", image_size=32, disc_depth=5)).double()
+    x = torch.rand(3, 1, 32, 32, dtype=torch.float64) * 2 - 1
+    results = []
+    for fast in (True, False):
+        use_fast_forms(disc, fast)
+        disc.zero_grad(set_to_none=True)
+        loss = _penalized_critic(disc, x)
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in disc.named_parameters()}))
+    (fast_loss, fast_grads), (plain_loss, plain_grads) = results
+    torch.testing.assert_close(fast_loss, plain_loss, rtol=0, atol=1e-12)
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=0, atol=1e-11, msg=name)
+    last = disc.main[-2].weight  # (O, C, 4, 4), of which the 2 x 2 centre meets the map
+    assert fast_grads["main.8.weight"][:, :, 0].abs().max() == 0 and last.shape[-1] == 4
 
 
 @pytest.mark.parametrize("grad", [False, True])

@@ -25,7 +25,7 @@ from targan_cli.core.device import autocast, memory_format
 from targan_cli.core.losses import (classification_loss, critic_loss, crossing_loss, cycle_loss,
                                     fake_labels, generator_adversarial_loss, gradient_penalty,
                                     interpolate, real_labels, shape_loss, target_area)
-from targan_cli.core.networks import Critique, Discriminator, Generator, ShapeController, use_phase_form
+from targan_cli.core.networks import Critique, Discriminator, Generator, ShapeController, use_fast_forms
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """(images (N, 1, H, W) in [-1, 1], organ masks (N, 1, H, W), body masks (N, 1, H, W), modalities (N,))."""
@@ -189,8 +189,9 @@ class Trainer:
     def literal(cls, model: TarGAN, config: TrainConfig, device: torch.device) -> Trainer:
         """The trainer of ``reference_step`` as the benchmark runs it: METHOD.md as written, the way
         the official code runs it (fp32, default memory format, torch.optim.Adam's default
-        implementation, every up block as upsampling then a 3x3 conv)."""
-        use_phase_form(model, False)
+        implementation, every up block as upsampling then a 3x3 conv, every discriminator conv
+        over all its taps)."""
+        use_fast_forms(model, False)
         return cls(model, config, device, precision=None, channels_last=False, fused_optimizers=False)
 
     # -- state ----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from targan_cli.core.metrics import dice
 from targan_cli.data.dataset import Case, open_data_dir
 from targan_cli.data.phantom import write_phantom_dataset
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.features import load_torchscript_features
+from targan_cli.io.features import load_feature_module
 from targan_cli.io.volume import read_volume, to_slices
 from targan_cli.io.weights import load_weights
 from targan_cli.workflows.evaluate import (
@@ -67,7 +67,7 @@ class PooledFeatures(nn.Module):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Phantoms (2 test cases imaged in every modality, CT 8 slices, MR 4), tiny weights, random
-    segmenters of every modality and a TorchScript feature file."""
+    segmenters of every modality and a torch.export feature file (dynamic batch)."""
     root = tmp_path_factory.mktemp("evaluate")
     write_phantom_dataset(root / "data", cases=1, size=SIZE, slices=8, seed=5, test_cases=2)
     make_tiny_weights(root / "weights", image_size=SIZE)
@@ -76,9 +76,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         torch.manual_seed(index)
         config = SegmenterConfig(spec.name, spec.intensity, image_size=SIZE, width=4, depth=3)
         save_segmenter(root / "segmenters" / spec.name, build_network(config), config)
-    torch.jit.script(PooledFeatures()).save(str(root / "features.pt"))
+    example = (torch.zeros(2, 1, SIZE, SIZE),)
+    program = torch.export.export(PooledFeatures(), example, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(root / "features.pt2"))
     return {"root": root, "data": root / "data", "weights": root / "weights",
-            "segmenters": root / "segmenters", "features": root / "features.pt"}
+            "segmenters": root / "segmenters", "features": root / "features.pt2"}
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,7 @@ def test_json_and_csv_carry_every_record_versions_and_settings(setup: dict[str, 
     assert {"targan-cli", "torch", "torchmetrics"} <= set(document["versions"])
     settings = document["settings"]
     assert settings["metrics"] == ALL_TRANSLATION_METRICS and settings["split"] == "test"
-    assert settings["fid_features"].startswith("torchscript:") and settings["data_range"] == 2.0
+    assert settings["fid_features"] == f"torch.export:{setup['features'].resolve()}" and settings["data_range"] == 2.0
     assert set(settings["segmenters"]) == {"t1w", "t2w", "ct"}
     assert [c["label"] for c in document["columns"]] == [c.label for c in full_run.columns]
     assert len(document["rows"][0]["cells"]) == len(full_run.columns)
@@ -193,7 +195,7 @@ def test_fid_is_zero_when_the_synthetic_slices_are_the_real_ones(setup: dict[str
     two = tuple(m for m in data.spec.modalities if m.name in ("t1w", "ct"))  # one source per target
     real = _oracle("real images", two,
                    lambda case, target: setup["data"] / "test" / target / "images" / case.image.name)
-    features = load_torchscript_features(setup["features"])
+    features = load_feature_module(setup["features"])
     result = evaluate_models(data, [real], ["fid"], fid_features=features)
     fids = {r.target: r.value for r in result.records}
     assert set(fids) == {"t1w", "ct"}
@@ -334,6 +336,11 @@ def test_fid_feature_and_output_problems_are_found_before_any_work(setup: dict[s
     common = ["evaluate", "-m", "fid", "--data", str(setup["data"]), "-w", str(setup["weights"]), "--device", "cpu"]
     missing = runner.invoke(app, [*common, "--fid-features", str(tmp_path / "absent.pt")])
     assert missing.exit_code == 1 and "FID feature module file not found" in missing.stderr
+    broken = tmp_path / "broken.pt2"
+    broken.write_bytes(b"PK not really an archive")
+    bad = runner.invoke(app, [*common, "--fid-features", str(broken)])
+    assert bad.exit_code == 1 and len(bad.stderr.strip().splitlines()) == 1  # no logged traceback
+    assert "not a torch.export program" in bad.stderr and "broken.pt2" in bad.stderr
     existing = tmp_path / "out.json"
     existing.write_text("{}")
     refused = runner.invoke(app, [*common, "--fid-features", str(setup["features"]), "--json", str(existing)])

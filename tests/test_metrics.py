@@ -17,9 +17,10 @@ from targan_cli.core.metrics import FrechetDistance, dice, paired_metrics, ravd,
 from targan_cli.errors import TarganError
 from targan_cli.io.features import (
     INCEPTION_WEIGHTS_FILE,
+    feature_module_kind,
     inception_features,
     inception_weights_cache_path,
-    load_torchscript_features,
+    load_feature_module,
 )
 
 
@@ -290,7 +291,7 @@ def test_torchscript_features_round_trip_through_a_file(tmp_path: Path) -> None:
     module = PooledFeatures().eval()
     path = tmp_path / "features.pt"
     torch.jit.script(module).save(str(path))
-    loaded = load_torchscript_features(path, image_size=(16, 16))
+    loaded = load_feature_module(path, image_size=(16, 16))
     slices = torch.rand(5, 1, 16, 16) * 2 - 1
     torch.testing.assert_close(loaded(slices), module(slices))
 
@@ -301,6 +302,45 @@ def test_torchscript_features_round_trip_through_a_file(tmp_path: Path) -> None:
     assert fid.compute() > 0.0
 
 
+def _export(module: nn.Module, path: Path, dynamic: bool = True) -> Path:
+    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
+    program = torch.export.export(module, (torch.zeros(2, 1, 16, 16),), dynamic_shapes=dynamic_shapes)
+    torch.export.save(program, str(path))
+    return path
+
+
+def test_exported_features_round_trip_through_a_file(tmp_path: Path) -> None:
+    module = PooledFeatures().eval()
+    path = _export(module, tmp_path / "features.pt2")
+    assert feature_module_kind(path) == "torch.export" and feature_module_kind("f.pt") == "torchscript"
+    loaded = load_feature_module(path, image_size=(16, 16))
+    slices = torch.rand(5, 1, 16, 16) * 2 - 1
+    torch.testing.assert_close(loaded(slices), module(slices))
+    assert loaded.eval() is loaded  # the exported graph itself refuses eval(); FID code calls it
+
+    fid = FrechetDistance(loaded, image_size=(16, 16))
+    assert fid.num_features == 4
+    fid.update(slices, real=True)
+    fid.update(slices[:3] * 0.5, real=False)  # another batch size
+    fid.update(slices[3:] * 0.5, real=False)
+    assert fid.compute() > 0.0
+
+
+def test_a_bad_or_static_exported_file_is_a_one_line_error_naming_it(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    bad = tmp_path / "features.pt2"
+    bad.write_bytes(b"not an archive" * 10)
+    with pytest.raises(TarganError, match="not a torch.export program") as caught:
+        load_feature_module(bad)
+    assert caught.value.path == bad
+    # torch.export.load logs a whole traceback (to stderr in a plain process) unless silenced.
+    assert capfd.readouterr().err == "" and not [r for r in caplog.records if r.name.startswith("torch")]
+
+    static = _export(PooledFeatures().eval(), tmp_path / "static.pt2", dynamic=False)  # batch fixed at 2
+    with pytest.raises(TarganError, match=r"fails on a \(3, 1, 16, 16\) batch.*dynamic batch dimension"):
+        load_feature_module(static, image_size=(16, 16))
+
+
 @pytest.mark.parametrize("content", [b"not a model at all", None])
 def test_a_bad_feature_file_is_a_targan_error_naming_it(tmp_path: Path, content: bytes | None) -> None:
     path = tmp_path / "features.pt"
@@ -309,21 +349,21 @@ def test_a_bad_feature_file_is_a_targan_error_naming_it(tmp_path: Path, content:
     else:
         path.write_bytes(content)
     with pytest.raises(TarganError, match="not a TorchScript module") as caught:
-        load_torchscript_features(path)
+        load_feature_module(path)
     assert caught.value.path == path
 
 
 def test_a_missing_or_unfit_feature_file_is_a_targan_error_naming_it(tmp_path: Path) -> None:
     missing = tmp_path / "absent.pt"
     with pytest.raises(TarganError, match="not found") as caught:
-        load_torchscript_features(missing)
+        load_feature_module(missing)
     assert caught.value.path == missing
 
     rgb_only = tmp_path / "rgb.pt"
     torch.jit.script(nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten())).save(str(rgb_only))
-    assert isinstance(load_torchscript_features(rgb_only), nn.Module)  # no probe without a size
+    assert isinstance(load_feature_module(rgb_only), nn.Module)  # no probe without a size
     with pytest.raises(TarganError, match="fails on a \\(2, 1, 8, 8\\) batch") as caught:
-        load_torchscript_features(rgb_only, image_size=(8, 8))
+        load_feature_module(rgb_only, image_size=(8, 8))
     assert caught.value.path == rgb_only
 
 

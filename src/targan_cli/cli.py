@@ -277,8 +277,9 @@ def evaluate(
         "--segmenters", help="sscore: folder with one segmenter per modality, DIR/<modality>/ "
                              "(targan train-segmenter).")] = None,
     fid_features: Annotated[Optional[Path], typer.Option(
-        "--fid-features", help="fid: TorchScript module mapping (N, 1, H, W) slices in [-1, 1] to (N, D) "
-                               "features. Default: Inception-v3 (needs torch-fidelity).")] = None,
+        "--fid-features", help="fid: module mapping (N, 1, H, W) slices in [-1, 1] to (N, D) features: "
+                               "a torch.export program FILE.pt2 (dynamic batch) or a TorchScript file. "
+                               "Default: Inception-v3 (needs torch-fidelity).")] = None,
     inception_weights: Annotated[Optional[Path], typer.Option(
         "--inception-weights", help="fid: local Inception-v3 FID weights file (offline use).")] = None,
     pred: Annotated[Optional[list[Path]], typer.Option(

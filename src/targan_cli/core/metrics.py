@@ -137,19 +137,23 @@ def first_line(error: BaseException) -> str:
 
 
 def feature_dimension(features: nn.Module, image_size: tuple[int, int], device: torch.device) -> int:
-    """D of a feature module, found by running it on two blank slices ``(2, 1, H, W)``."""
-    probe = torch.zeros(2, 1, *image_size, device=device)
-    try:
-        with torch.no_grad():
-            output = features(probe)
-    except RuntimeError as error:
-        raise TarganError(f"the FID feature module fails on a (2, 1, {image_size[0]}, {image_size[1]}) "
-                          f"batch of slices: {first_line(error)}") from None
-    if not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[0] != 2:
-        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise TarganError(f"the FID feature module must map (N, 1, H, W) slices to (N, D) features, "
-                          f"it gives {shape} for N = 2")
-    return int(output.shape[1])
+    """D of a feature module, found by running it on blank slices, in batches of 2 and 3 (the last
+    batch of a run is smaller than the others)."""
+    dimensions = []
+    for count in (2, 3):
+        probe = torch.zeros(count, 1, *image_size, device=device)
+        try:
+            with torch.no_grad():
+                output = features(probe)
+        except Exception as error:  # noqa: BLE001 - the user's module may raise anything
+            raise TarganError(f"the FID feature module fails on a ({count}, 1, {image_size[0]}, "
+                              f"{image_size[1]}) batch of slices: {first_line(error)}") from None
+        if not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[0] != count:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise TarganError(f"the FID feature module must map (N, 1, H, W) slices to (N, D) features, "
+                              f"it gives {shape} for N = {count}")
+        dimensions.append(int(output.shape[1]))
+    return dimensions[0]
 
 
 class _CheckedFeatures(nn.Module):

@@ -1,4 +1,5 @@
-"""FID feature modules from files: a TorchScript module (``--fid-features``) or Inception-v3.
+"""FID feature modules from files: a torch.export program or TorchScript module
+(``--fid-features``), or Inception-v3.
 
 Both map single-channel slices ``(N, 1, H, W)`` in the model range [-1, 1] to ``(N, D)``
 features for ``core.metrics.FrechetDistance``. Every problem with a file is a TarganError that
@@ -7,7 +8,10 @@ names it and says what to put where.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,29 +24,83 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 """torch-fidelity's Inception-v3 FID weights (converted from the TensorFlow FID graph)."""
 
 
-def load_torchscript_features(path: str | Path, image_size: tuple[int, int] | None = None) -> nn.Module:
-    """A TorchScript FID feature module (``--fid-features FILE``), loaded on the CPU in eval mode.
+EXPORTED_SUFFIX = ".pt2"
+"""Feature files with this suffix are torch.export programs; any other is read as TorchScript."""
 
-    The module must take ``(N, 1, H, W)`` float32 slices in [-1, 1] (the model's intensity range)
-    and return ``(N, D)`` features; make one with ``torch.jit.script(module).save(path)`` or
-    ``torch.jit.trace``. With ``image_size`` the module is also run on two blank slices of that
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silence a logger for the block: torch.export.load logs a whole traceback before raising."""
+    logger = logging.getLogger(name)
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+class _ExportedFeatures(nn.Module):
+    """A torch.export program's module, which refuses train() and eval(): its graph was fixed at
+    export. Both only set the flag here, so that FID code can call eval() on any feature module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def train(self, mode: bool = True) -> _ExportedFeatures:
+        self.training = mode
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(images)
+
+
+def _load_exported(path: Path) -> nn.Module:
+    try:
+        with _quiet_logger("torch.export"):
+            program = torch.export.load(str(path))
+        return _ExportedFeatures(program.module())
+    except Exception as error:  # noqa: BLE001 - torch.export.load raises many kinds for a bad archive
+        raise TarganError(f"not a torch.export program (save one with torch.export.save("
+                          f"torch.export.export(module, ...), FILE{EXPORTED_SUFFIX})): {first_line(error)}",
+                          path) from None
+
+
+def _load_torchscript(path: Path) -> nn.Module:
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError, OSError) as error:
+        raise TarganError(f"not a TorchScript module (save one with torch.jit.script(...).save, or a "
+                          f"torch.export program as FILE{EXPORTED_SUFFIX}): {first_line(error)}", path) from None
+    return module.eval()
+
+
+def load_feature_module(path: str | Path, image_size: tuple[int, int] | None = None) -> nn.Module:
+    """An FID feature module from a file (``--fid-features FILE``), on the CPU, for inference.
+
+    ``FILE.pt2`` is a torch.export program (``torch.export.save``; export it with a dynamic batch
+    dimension, since the last batch is smaller); any other file a TorchScript module
+    (``torch.jit.script(module).save(path)``, which torch marks as deprecated). The module must
+    take ``(N, 1, H, W)`` float32 slices in [-1, 1] (the model's intensity range) and return
+    ``(N, D)`` features. With ``image_size`` the module is also run on two blank slices of that
     size, so a module that does not fit fails here, naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise TarganError("FID feature module file not found", path)
-    try:
-        module = torch.jit.load(str(path), map_location="cpu")
-    except (RuntimeError, ValueError, OSError) as error:
-        raise TarganError(f"not a TorchScript module (save one with torch.jit.script(...).save): "
-                          f"{first_line(error)}", path) from None
-    module.eval()
+    module = _load_exported(path) if path.suffix == EXPORTED_SUFFIX else _load_torchscript(path)
     if image_size is not None:
         try:
             feature_dimension(module, image_size, torch.device("cpu"))
         except TarganError as error:
-            raise TarganError(error.message, path) from None
+            hint = " (export it with a dynamic batch dimension)" if path.suffix == EXPORTED_SUFFIX else ""
+            raise TarganError(error.message + hint, path) from None
     return module
+
+
+def feature_module_kind(path: str | Path) -> str:
+    """How ``load_feature_module`` reads ``path``: ``torch.export`` or ``torchscript``."""
+    return "torch.export" if Path(path).suffix == EXPORTED_SUFFIX else "torchscript"
 
 
 def inception_weights_cache_path() -> Path:

@@ -41,7 +41,7 @@ from targan_cli.core.slicing import PlaneFit, from_model, plane_fit, to_model
 from targan_cli.data.dataset import Case, DataDir, open_data_dir
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import atomic_output, check_writable
-from targan_cli.io.features import inception_features, load_torchscript_features
+from targan_cli.io.features import feature_module_kind, inception_features, load_feature_module
 from targan_cli.io.volume import Volume, case_id, list_volumes, read_label, read_on_grid, read_volume, to_slices
 from targan_cli.io.weights import DEFAULT_REPO, WEIGHTS_ENV, Weights, load_weights
 from targan_cli.workflows.segment import (Segmenter, label_slices, load_segmenter,
@@ -400,7 +400,8 @@ def _fid_features(fid_features: str | Path | None, inception_weights: str | Path
     if fid_features is not None:
         if inception_weights is not None:
             raise UsageError("pass either --fid-features or --inception-weights, not both")
-        return load_torchscript_features(fid_features), f"torchscript:{Path(fid_features).resolve()}"
+        return (load_feature_module(fid_features),
+                f"{feature_module_kind(fid_features)}:{Path(fid_features).resolve()}")
     module = inception_features(inception_weights)
     return module, f"inception-v3:{inception_weights or 'torch hub cache'}"
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from targan_cli.config import PRESETS, ModelConfig, preset
-from targan_cli.core.networks import (Conv2d, Discriminator, Generator, InstanceNorm, ShapeController,
+from targan_cli.core.networks import (Discriminator, Generator, InstanceNorm, LiveTapsConv2d, ShapeController,
                                       live_taps, nearest_upsample_conv3x3,
                                       parameter_count, target_onehot, use_fast_forms)
 from targan_cli.errors import TarganError
@@ -147,7 +147,7 @@ def _penalized_critic(disc: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_the_conv_without_its_padding_only_taps_equals_the_plain_conv_with_every_gradient(kernel, stride,
                                                                                          padding, size):
     torch.manual_seed(kernel + size)
-    conv = Conv2d(5, 7, kernel, stride, padding).double()
+    conv = LiveTapsConv2d(5, 7, kernel, stride, padding).double()
     x = torch.randn(3, 5, size, size, dtype=torch.float64, requires_grad=True)
     results = []
     for fast in (True, False):

@@ -123,11 +123,11 @@ class UpBlock(nn.Module):
 
 
 def use_fast_forms(module: nn.Module, enabled: bool) -> nn.Module:
-    """Switch every up block and ``Conv2d`` in ``module`` to its faster equal form (the default) or
-    to METHOD.md's literal form: upsample-then-conv up blocks, plain convolutions (the benchmarks'
-    reference, the FLOP count of the direct form); returns ``module``."""
+    """Switch every up block and ``LiveTapsConv2d`` in ``module`` to its faster equal form (the
+    default) or to METHOD.md's literal form: upsample-then-conv up blocks, plain convolutions (the
+    benchmarks' reference, the FLOP count of the direct form); returns ``module``."""
     for block in module.modules():
-        if isinstance(block, (UpBlock, Conv2d)):
+        if isinstance(block, (UpBlock, LiveTapsConv2d)):
             block.fast_form = enabled
     return module
 
@@ -249,7 +249,7 @@ def live_taps(size: int, kernel: int, stride: int, padding: int) -> tuple[int, i
     return first, last
 
 
-class Conv2d(nn.Conv2d):
+class LiveTapsConv2d(nn.Conv2d):
     """nn.Conv2d that leaves out the kernel taps which meet only zero padding at the input's size,
     and runs as a matrix product when a single window remains.
 
@@ -299,12 +299,12 @@ class Discriminator(nn.Module):
         widths = [config.disc_width * 2**level for level in range(config.disc_depth)]
         layers: list[nn.Module] = []
         for in_channels, out_channels in zip([1, *widths[:-1]], widths):
-            layers += [Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1),
+            layers += [LiveTapsConv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1),
                        nn.LeakyReLU(NEGATIVE_SLOPE)]
         self.main = nn.Sequential(*layers)
-        self.src = Conv2d(widths[-1], 1, kernel_size=3, padding=1, bias=False)
+        self.src = LiveTapsConv2d(widths[-1], 1, kernel_size=3, padding=1, bias=False)
         final_size = config.image_size // 2**config.disc_depth
-        self.cls = Conv2d(widths[-1], 2 * config.num_modalities, kernel_size=final_size, bias=False)
+        self.cls = LiveTapsConv2d(widths[-1], 2 * config.num_modalities, kernel_size=final_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> Critique:
         features = self.main(x)  # (N, C, H / 2^depth, W / 2^depth)

@@ -3,8 +3,8 @@ generator gets to this machine's convolution speed.
 
 Figures, all from this one process, each the best of ``--rounds`` rounds:
 - ``translate_slices`` (batched, the path of ``targan translate``) against a straightforward loop
-  that calls a copy of the same generator, in the default layout and with its up blocks as
-  METHOD.md writes them (upsample, then 3x3 conv), on one slice at a time under
+  that calls a copy of the same generator, in the default layout and with its up blocks and norms
+  as METHOD.md writes them (upsample, then 3x3 conv; torch's instance norm), on one slice at a time under
   ``torch.no_grad``, and the ratio; on the CPU both first under glibc malloc's defaults (a plain
   Python process), then with malloc tuned as every targan command tunes it (``tune_cpu_allocator``,
   which cannot be undone in a process), and the ratio of targan's path (tuned) to the plain loop
@@ -151,8 +151,8 @@ def main() -> None:
     config = preset(args.preset, image_size=args.image_size)
     torch.manual_seed(args.seed)
     generator = Generator(config).eval().to(device)
-    # The loop's generator: default layout (translate_slices may switch its own), and every up
-    # block as METHOD.md writes it, upsampling then a 3x3 conv.
+    # The loop's generator: default layout (translate_slices may switch its own), every up block
+    # as METHOD.md writes it (upsampling then a 3x3 conv) and torch's instance norm.
     literal = use_fast_forms(copy.deepcopy(generator), False)
     slices = synthetic_slices(args.slices, args.image_size, args.seed)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "

@@ -202,6 +202,8 @@ def test_the_instance_norm_equals_torch_instance_norm_with_its_gradients(grad):
         reference_grads = torch.autograd.grad(reference, (x, norm.weight, norm.bias), upstream)
         for a, b in zip(ours_grads, reference_grads):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    literal = use_fast_forms(norm, False)(x)  # the benchmarks' reference: torch's own kernel
+    assert torch.equal(literal, reference) and not torch.equal(ours, reference)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])

@@ -27,8 +27,10 @@ class InstanceNorm(nn.InstanceNorm2d):
     (channels_last, as on CUDA) keep instance_norm: the CPU group norm loses precision there
     (measured: 0.12 off for channels of mean 10 and std 0.1)."""
 
+    fast_form = True  # False: instance_norm, as the official network computes it (``use_fast_forms``)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_contiguous():
+        if self.fast_form and x.is_contiguous():
             return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
         return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
 
@@ -123,11 +125,12 @@ class UpBlock(nn.Module):
 
 
 def use_fast_forms(module: nn.Module, enabled: bool) -> nn.Module:
-    """Switch every up block and ``LiveTapsConv2d`` in ``module`` to its faster equal form (the
-    default) or to METHOD.md's literal form: upsample-then-conv up blocks, plain convolutions (the
+    """Switch every up block, ``InstanceNorm`` and ``LiveTapsConv2d`` in ``module`` to its faster
+    equal form (the default) or to the literal form, as METHOD.md writes it and the official code
+    runs it: upsample-then-conv up blocks, torch's instance norm, plain convolutions (the
     benchmarks' reference, the FLOP count of the direct form); returns ``module``."""
     for block in module.modules():
-        if isinstance(block, (UpBlock, LiveTapsConv2d)):
+        if isinstance(block, (UpBlock, InstanceNorm, LiveTapsConv2d)):
             block.fast_form = enabled
     return module
 

@@ -189,8 +189,8 @@ class Trainer:
     def literal(cls, model: TarGAN, config: TrainConfig, device: torch.device) -> Trainer:
         """The trainer of ``reference_step`` as the benchmark runs it: METHOD.md as written, the way
         the official code runs it (fp32, default memory format, torch.optim.Adam's default
-        implementation, every up block as upsampling then a 3x3 conv, every discriminator conv
-        over all its taps)."""
+        implementation, every up block as upsampling then a 3x3 conv, torch's instance norm, every
+        discriminator conv over all its taps)."""
         use_fast_forms(model, False)
         return cls(model, config, device, precision=None, channels_last=False, fused_optimizers=False)
 

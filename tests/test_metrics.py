@@ -261,7 +261,14 @@ def test_frechet_distance_of_one_set_with_itself_is_zero_and_reset_forgets() -> 
         fid.compute()
 
 
+class BatchDependentFeatures(nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1)[:, : images.shape[0]]  # D = N: wrong for every other batch size
+
+
 def test_frechet_distance_rejects_bad_feature_modules_and_inputs() -> None:
+    with pytest.raises(TarganError, match="2 features per slice for N = 2 but 3 for N = 3"):
+        FrechetDistance(BatchDependentFeatures(), image_size=(4, 4))
     with pytest.raises(TarganError, match=r"\(N, D\) features, it gives \(2, 1, 2, 2\)"):
         FrechetDistance(nn.Identity(), image_size=(2, 2))
     with pytest.raises(TarganError, match="fails on a \\(2, 1, 8, 8\\) batch"):

@@ -153,6 +153,9 @@ def feature_dimension(features: nn.Module, image_size: tuple[int, int], device: 
             raise TarganError(f"the FID feature module must map (N, 1, H, W) slices to (N, D) features, "
                               f"it gives {shape} for N = {count}")
         dimensions.append(int(output.shape[1]))
+    if dimensions[0] != dimensions[1]:
+        raise TarganError(f"the FID feature module gives {dimensions[0]} features per slice for N = 2 "
+                          f"but {dimensions[1]} for N = 3; D must not depend on the batch")
     return dimensions[0]
 
 

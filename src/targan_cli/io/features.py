@@ -88,12 +88,13 @@ def load_feature_module(path: str | Path, image_size: tuple[int, int] | None = N
     path = Path(path)
     if not path.is_file():
         raise TarganError("FID feature module file not found", path)
-    module = _load_exported(path) if path.suffix == EXPORTED_SUFFIX else _load_torchscript(path)
+    exported = feature_module_kind(path) == "torch.export"
+    module = _load_exported(path) if exported else _load_torchscript(path)
     if image_size is not None:
         try:
             feature_dimension(module, image_size, torch.device("cpu"))
         except TarganError as error:
-            hint = " (export it with a dynamic batch dimension)" if path.suffix == EXPORTED_SUFFIX else ""
+            hint = " (export it with a dynamic batch dimension)" if exported else ""
             raise TarganError(error.message + hint, path) from None
     return module
 

@@ -89,3 +89,31 @@ def test_convert_errors_are_one_line_and_leave_no_output(tmp_path):
 def test_info_on_a_missing_folder():
     result = runner.invoke(app, ["info", "./no/such/folder"])
     assert result.exit_code == 1 and "no such weights folder" in result.stderr
+
+
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_termination_signals_remove_temporary_outputs(tmp_path, name, code):
+    """`timeout`, `kill`, a batch scheduler or a closed terminal: the partial output goes, exit 128 + N."""
+    script = f"""
+import os, signal, time
+from targan_cli.cli import handles_errors
+from targan_cli.io.atomic import atomic_output
+
+@handles_errors
+def command():
+    with atomic_output({str(tmp_path / "out.nii.gz")!r}) as temporary:
+        temporary.write_bytes(b"partial")
+        os.kill(os.getpid(), signal.{name})
+        time.sleep(30)
+
+try:
+    command()
+except SystemExit as stop:
+    raise
+except BaseException as error:  # typer.Exit is a click exception, not SystemExit
+    raise SystemExit(getattr(error, "exit_code", 99))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == code, result.stderr
+    assert result.stderr.strip() == f"error: terminated by {name}"
+    assert list(tmp_path.iterdir()) == []

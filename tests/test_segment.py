@@ -166,7 +166,7 @@ def test_segment_cli_errors_are_one_line(data: Path, t1w_segmenter: Path, tmp_pa
     image = next((data / "test" / "ct" / "images").iterdir())
     cases = [
         (["--from", "ct"], 2, "trained on t1w images"),
-        (["-o", str(tmp_path / "mask.png")], 2, "must end in .nii.gz"),
+        (["-o", str(tmp_path / "mask.png")], 2, "name it NAME.nii.gz"),
     ]
     for extra, code, message in cases:
         arguments = ["segment", str(image), "--segmenter", str(t1w_segmenter), *extra]

@@ -194,6 +194,34 @@ def test_nifti_mr_without_from_leaves_the_target_out(tmp_path: Path, weights: Pa
         translate(mr, tmp_path / "c.nii.gz", to="ct", weights=weights, device="cpu")
 
 
+def test_a_dicom_series_of_another_modality_needs_from(tmp_path: Path, weights: Path,
+                                                       ct_canonical: np.ndarray) -> None:
+    series = tmp_path / "pet"
+    write_dicom_series(series, np.clip(ct_canonical, 0, None).astype(np.uint16), modality="PT")
+    with pytest.raises(UsageError, match="the DICOM series is PT, not CT or MR: pass --from with the modality "
+                                         "to treat it as, one of t1w, t2w, ct"):
+        translate(series, tmp_path / "out.nii.gz", to="t1w", weights=weights, device="cpu")
+    result = translate(series, tmp_path / "out.nii.gz", to="t1w", source="t2w", weights=weights, device="cpu")
+    assert [(choice.name, choice.reason) for choice in result.sources] == [("t2w", None)]
+
+
+def test_the_result_says_how_the_source_was_chosen(tmp_path: Path, weights: Path, ct_canonical: np.ndarray) -> None:
+    source = _ct_file(tmp_path, ct_canonical)
+    mr = _ct_file(tmp_path, np.clip(ct_canonical + 200, 0, None), name="mr.nii.gz")
+    guessed = translate(source, tmp_path / "a.nii.gz", to="t2w", weights=weights, device="cpu").sources
+    assert [(c.name, c.reason) for c in guessed] == [("ct", "the values look like CT, the weights' only CT modality")]
+    left_out = translate(mr, tmp_path / "b.nii.gz", to="t2w", weights=weights, device="cpu").sources
+    assert [(c.name, c.reason) for c in left_out] == [
+        ("t1w", "the values look like MR, the weights' only MR modality other than --to")]
+    result = CliRunner().invoke(app, ["translate", str(mr), "-o", str(tmp_path / "c.nii.gz"), "--to", "t2w",
+                                      "--weights", str(weights), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    output = _one_line(result.output)
+    assert "(t1w → t2w)" in output
+    assert ("--from t1w was inferred: the values look like MR, the weights' only MR modality other than --to; "
+            "pass --from to choose") in output
+
+
 def test_nifti_without_from_needs_it_when_the_values_do_not_tell(tmp_path: Path, weights: Path,
                                                                  ct_canonical: np.ndarray) -> None:
     scaled = _ct_file(tmp_path, np.clip(ct_canonical / 1000.0, -1, 1).astype(np.float32))
@@ -337,6 +365,32 @@ def test_an_existing_output_is_refused_without_overwrite(tmp_path: Path, weights
     assert nib.load(output).shape == nib.load(source).shape
 
 
+def test_the_input_is_never_an_output_even_with_overwrite(tmp_path: Path, weights: Path,
+                                                          ct_canonical: np.ndarray) -> None:
+    source = _ct_file(tmp_path, ct_canonical)
+    before = source.read_bytes()
+    (tmp_path / "link.nii.gz").symlink_to(source)
+    for output in (source, tmp_path / "." / "ct.nii.gz", tmp_path / "link.nii.gz"):
+        with pytest.raises(TarganError, match=r"is also an input \(.*ct\.nii\.gz\): write the output under "
+                                              "another name") as caught:
+            translate(source, output, to="t2w", source="ct", weights=weights, device="cpu", overwrite=True)
+        assert caught.value.path == output
+    cases = _case_folder(tmp_path / "cases", ct_canonical)
+    folder_before = {p.name: p.read_bytes() for p in cases.iterdir()}
+    with pytest.raises(TarganError, match="is also an input"):
+        translate(cases, cases, to="t2w", source="ct", weights=weights, device="cpu", overwrite=True)
+    assert source.read_bytes() == before
+    assert {p.name: p.read_bytes() for p in cases.iterdir()} == folder_before
+
+
+def test_an_output_named_only_by_its_suffix_is_refused(tmp_path: Path, weights: Path,
+                                                       ct_canonical: np.ndarray) -> None:
+    source = _ct_file(tmp_path, ct_canonical)
+    with pytest.raises(UsageError, match="name it NAME.nii.gz or NAME.nii"):
+        translate(source, tmp_path / "sub" / ".nii.gz", to="t2w", source="ct", weights=weights, device="cpu")
+    assert not (tmp_path / "sub").exists()
+
+
 def test_an_output_under_a_file_is_refused(tmp_path: Path, weights: Path, ct_canonical: np.ndarray) -> None:
     source = _ct_file(tmp_path, ct_canonical)
     blocker = tmp_path / "blocker"
@@ -354,7 +408,7 @@ def test_a_folder_input_needs_a_folder_output(tmp_path: Path, weights: Path, ct_
 
 
 def test_a_single_volume_needs_a_nifti_output_name(tmp_path: Path, weights: Path, ct_canonical: np.ndarray) -> None:
-    with pytest.raises(UsageError, match="must end in .nii.gz or .nii"):
+    with pytest.raises(UsageError, match="name it NAME.nii.gz or NAME.nii"):
         translate(_ct_file(tmp_path, ct_canonical), tmp_path / "out.png", to="t2w", weights=weights)
 
 
@@ -437,7 +491,7 @@ def test_cli_translates_and_reports_speed(tmp_path: Path, weights: Path, ct_cano
                                       "--preview", str(tmp_path / "qc.png")])
     assert result.exit_code == 0, result.output
     output = _one_line(result.output)
-    assert re.search(r"Wrote \S*out\.nii\.gz \(t2w\): 5 slices in [\d.]+ s, [\d.]+ slices/s on cpu", output)
+    assert re.search(r"Wrote \S*out\.nii\.gz \(ct → t2w\): 5 slices in [\d.]+ s, [\d.]+ slices/s on cpu", output)
     assert "Preview" in output and (tmp_path / "qc.png").is_file()
     assert nib.load(tmp_path / "out.nii.gz").shape == nib.load(source).shape
 
@@ -467,6 +521,23 @@ def test_cli_refuses_an_existing_output(tmp_path: Path, weights: Path, ct_canoni
                                       "--from", "ct", "--weights", str(weights)])
     assert result.exit_code == 1
     assert "out.nii.gz: already exists; pass --overwrite to replace it" in _one_line(result.stderr)
+
+
+def test_cli_shows_paths_with_square_brackets_as_they_are(tmp_path: Path, weights: Path,
+                                                          ct_canonical: np.ndarray) -> None:
+    """Rich reads [..] as markup: a path must be printed verbatim, in errors and in reports."""
+    missing = CliRunner().invoke(app, ["translate", str(tmp_path / "scan[old].nii.gz"), "-o",
+                                       str(tmp_path / "y.nii.gz"), "--to", "t2w", "--weights", str(weights)])
+    assert missing.exit_code == 1 and "scan[old].nii.gz: not found" in _one_line(missing.stderr)
+    source = _ct_file(tmp_path, ct_canonical, name="ct[red].nii.gz")
+    output = tmp_path / "out[" / "x][/bold].nii.gz"  # ".../out[/x][/bold].nii.gz": closing tags
+    result = CliRunner().invoke(app, ["translate", str(source), "-o", str(output), "--to", "t2w", "--from", "ct",
+                                      "--weights", str(weights), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "out[/x][/bold].nii.gz" in _one_line(result.output) and output.is_file()
+    again = CliRunner().invoke(app, ["translate", str(source), "-o", str(output), "--to", "t2w", "--from", "ct",
+                                     "--weights", str(weights)])
+    assert again.exit_code == 1 and "out[/x][/bold].nii.gz: already exists" in _one_line(again.stderr)
 
 
 def test_cli_offline_without_cached_weights_says_what_to_do(tmp_path: Path, ct_canonical: np.ndarray,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -117,8 +119,9 @@ def test_write_refuses_existing_file_and_non_nifti_names(tmp_path: Path) -> None
         write_volume(out, volume)
     write_volume(out, volume.with_array(volume.array + 1), overwrite=True)
     assert np.array_equal(read_volume(out).array, volume.array + 1)
-    with pytest.raises(TarganError, match=r"\.nii or \.nii\.gz"):
-        write_volume(tmp_path / "v.mha", volume)
+    for name in ("v.mha", ".nii.gz"):  # another format; a suffix without a name
+        with pytest.raises(TarganError, match=r"name it NAME\.nii\.gz or NAME\.nii"):
+            write_volume(tmp_path / name, volume)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.nii.gz"]  # no temporary left behind
 
 
@@ -156,6 +159,73 @@ def test_write_read_round_trip_of_random_volumes(shape, matrix, dtype, suffix, s
     assert np.array_equal(again.affine, volume.affine)
     assert np.array_equal(again.array, array)
     assert again.shape == shape
+
+
+def test_a_qform_that_differs_from_the_sform_is_kept_as_it_is(tmp_path: Path) -> None:
+    """Tools that read the qform (ITK, SimpleITK) must place the output where they place the input."""
+    sform = np.diag([0.7, 0.7, 2.5, 1.0])
+    qform = np.diag([1.5, 0.7, 2.5, 1.0])
+    qform[:3, 3] = 100.0
+    image = nib.Nifti1Image(anatomy((4, 5, 6)), sform)
+    image.header.set_qform(qform, code=1)
+    image.header.set_sform(sform, code=2)
+    nib.save(image, tmp_path / "qs.nii.gz")
+    volume = read_volume(tmp_path / "qs.nii.gz")
+    header = nib.load(write_volume(tmp_path / "out.nii.gz", volume.with_array(volume.array + 1))).header
+    for name in ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
+                 "qoffset_z", "srow_x", "srow_y", "srow_z", "pixdim"):
+        assert np.array_equal(header[name], image.header[name]), name
+    np.testing.assert_allclose(header.get_qform(), qform, atol=1e-6)
+
+
+def test_a_file_without_qform_and_sform_codes_stays_without(tmp_path: Path) -> None:
+    """Codes 0 and 0: every reader falls back to its own default geometry; the output must give the
+    same one, not a made-up scanner frame."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((4, 5, 6))
+    header.set_zooms((0.7, 0.7, 2.5))
+    nib.save(nib.Nifti1Image(anatomy((4, 5, 6)), None, header), tmp_path / "bare.nii.gz")
+    volume = read_volume(tmp_path / "bare.nii.gz")
+    out = nib.load(write_volume(tmp_path / "out.nii.gz", volume)).header
+    assert (int(out["qform_code"]), int(out["sform_code"])) == (0, 0)
+    assert np.array_equal(out.get_zooms(), (0.7, 0.7, 2.5)) or np.allclose(out.get_zooms(), (0.7, 0.7, 2.5))
+    np.testing.assert_array_equal(read_volume(tmp_path / "out.nii.gz").affine, volume.affine)
+
+
+def test_nifti2_and_a_trailing_unit_dimension_are_kept(tmp_path: Path) -> None:
+    affine = canonical_affine((4, 5, 6))
+    nib.save(nib.Nifti2Image(anatomy((4, 5, 6))[..., None], affine), tmp_path / "n2.nii")
+    volume = read_volume(tmp_path / "n2.nii")
+    assert volume.shape == (4, 5, 6)
+    out = nib.load(write_volume(tmp_path / "out.nii", volume))
+    assert isinstance(out, nib.Nifti2Image) and out.shape == (4, 5, 6, 1)
+    np.testing.assert_array_equal(out.affine, volume.affine)
+
+
+def test_values_beyond_float32_are_refused(tmp_path: Path) -> None:
+    huge = write_nifti(tmp_path / "huge.nii.gz", anatomy((3, 4, 5)).astype(np.float64) * 1e300, np.eye(4))
+    with pytest.raises(TarganError, match=r"values up to .*e\+30\d in magnitude, beyond float32's range") as error:
+        read_volume(huge)
+    assert error.value.path == huge
+    image = nib.Nifti1Image(anatomy((3, 4, 5)), np.eye(4))
+    image.header.set_slope_inter(1e36, 0.0)  # int16 data scaled out of float32's range
+    nib.save(image, tmp_path / "slope.nii.gz")
+    with pytest.raises(TarganError, match="check its scaling"):
+        read_volume(tmp_path / "slope.nii.gz")
+
+
+def test_nibabel_header_fixups_print_nothing(tmp_path: Path) -> None:
+    header = nib.Nifti1Header()
+    header.set_data_shape((3, 4, 5))
+    path = tmp_path / "zero.nii"
+    nib.save(nib.Nifti1Image(anatomy((3, 4, 5)), None, header), path)
+    raw = bytearray(path.read_bytes())
+    raw[80:92] = bytes(12)  # pixdim[1:4] = 0 on disk: nibabel fixes it on load, and logs it
+    path.write_bytes(bytes(raw))
+    # In a fresh process: nibabel's log handler holds the sys.stderr of the moment it was imported.
+    code = f"from targan_cli.io.volume import read_volume; print(read_volume({str(path)!r}).shape)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert (result.stdout.strip(), result.stderr) == ("(3, 4, 5)", "")
 
 
 # ----------------------------------------------------------------------------- NIfTI errors
@@ -396,7 +466,7 @@ def test_dicom_without_rescale_keeps_raw_values_and_fractional_slope_gives_float
     assert np.array_equal(to_slices(plain)[0], raw)
     write_dicom_series(tmp_path / "scaled", raw, slope=0.5, intercept=0.25, modality="OT")
     scaled = read_volume(tmp_path / "scaled")
-    assert scaled.array.dtype == np.float32 and scaled.modality is None
+    assert scaled.array.dtype == np.float32 and scaled.modality == "OT"  # the tag as written
     assert np.allclose(to_slices(scaled)[0], raw * 0.5 + 0.25)
 
 
@@ -446,6 +516,23 @@ def test_several_series_in_one_folder_are_refused(tmp_path: Path, second: dict, 
     with pytest.raises(TarganError, match=message) as error:
         read_volume(folder)
     assert "series" in str(error.value) and error.value.path == folder
+
+
+def test_two_series_told_apart_only_by_their_uid_are_refused(tmp_path: Path) -> None:
+    """Series B continues series A's grid exactly (same spacing, next positions, same tags): only
+    SeriesInstanceUID tells them apart. Files with a UID each (CHAOS) stay one series."""
+    folder = tmp_path / "two"
+    write_dicom_series(folder, anatomy((3, 4, 3)), series_uid="1.2.3.1")
+    for file in write_dicom_series(tmp_path / "b", anatomy((3, 4, 3)), origin_lps=(-30.0, -40.0, -42.5),
+                                   series_uid="1.2.3.2"):
+        file.rename(folder / f"B{file.name}")
+    with pytest.raises(TarganError, match=r"holds 2 series by SeriesInstanceUID: 3 file\(s\) of 1\.2\.3\.\d "
+                                          r"and 3 file\(s\) of 1\.2\.3\.\d; put each series") as error:
+        read_volume(folder)
+    assert error.value.path == folder
+    write_dicom_series(tmp_path / "one", anatomy((3, 4, 3)), series_uid="1.2.3.1")
+    write_dicom_series(tmp_path / "chaos", anatomy((3, 4, 3)))  # every file its own UID
+    assert read_volume(tmp_path / "one").shape == read_volume(tmp_path / "chaos").shape == (3, 4, 3)
 
 
 def test_missing_slices_are_refused_with_the_gap(tmp_path: Path) -> None:

@@ -88,12 +88,14 @@ def write_dicom_series(
     origin_lps: Sequence[float] = (-30.0, -40.0, -50.0),
     shuffle_seed: int | None = 0,
     skip: Sequence[int] = (),
+    series_uid: str | None = None,
 ) -> list[Path]:
     """Write stored pixel values (Z, Rows, Columns), one slice per file, as a DICOM series.
 
     Slice k sits at ``origin_lps + k * slice_step * normal``. File names are shuffled (when
     ``shuffle_seed`` is set) so that name order is not slice order; each file carries its own
-    series UID, as anonymised CHAOS data does. ``skip`` leaves slices out (missing slices).
+    series UID, as anonymised CHAOS data does, unless ``series_uid`` is given to all of them.
+    ``skip`` leaves slices out (missing slices).
     Returns the files in slice order (skipped ones excluded).
     """
     folder.mkdir(parents=True, exist_ok=True)
@@ -110,7 +112,7 @@ def write_dicom_series(
         position = np.asarray(origin_lps, dtype=float) + index * slice_step * normal
         files.append(write_dicom_slice(folder / name, pixels, position, modality=modality, rescale=(slope, intercept),
                                        pixel_spacing=pixel_spacing, orientation=orientation, signed=signed,
-                                       instance_number=index + 1))
+                                       instance_number=index + 1, series_uid=series_uid))
     return files
 
 
@@ -126,11 +128,12 @@ def write_dicom_slice(
     slice_thickness: float = 2.5,
     signed: bool | None = None,
     instance_number: int | None = None,
+    series_uid: str | None = None,
 ) -> Path:
     """Write one slice of stored pixel values (Rows, Columns) as a DICOM file; returns ``path``.
 
     The SOP class is CT Image Storage for ``modality`` "CT", MR Image Storage otherwise. The file
-    carries its own series and study UIDs, as anonymised CHAOS data does. ``rescale`` is
+    carries its own series and study UIDs, as anonymised CHAOS data does (or ``series_uid``). ``rescale`` is
     (RescaleSlope, RescaleIntercept), or None to leave both tags out (as MR files do). ``signed``
     (default: whether any pixel is negative) picks int16 or uint16 pixel data.
     """
@@ -144,7 +147,7 @@ def write_dicom_slice(
     dataset.file_meta = meta
     dataset.SOPClassUID = sop_class
     dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    dataset.SeriesInstanceUID = generate_uid()
+    dataset.SeriesInstanceUID = series_uid or generate_uid()
     dataset.StudyInstanceUID = generate_uid()
     dataset.Modality = modality
     if instance_number is not None:

@@ -6,9 +6,12 @@ Heavy imports (torch and everything that needs it) happen inside the command bod
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -38,9 +41,39 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, 
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast; bf16/fp16 need a GPU).")]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``timeout``, ``kill``, a batch scheduler, a closed terminal), raised like
+    Ctrl-C so that every ``finally`` and temporary-file cleanup runs before the process exits."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _termination_raises() -> Iterator[None]:
+    """While the command runs, SIGTERM and SIGHUP raise ``Terminated`` (main thread only: Python
+    runs signal handlers there); the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    previous = {signum: signal.signal(signum, _raise_terminated) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def handles_errors(function: Callable) -> Callable:
     """Set up the process for fast CPU math, then run the command; turn TarganError into one line
-    on stderr and its exit code, Ctrl-C into exit code 130."""
+    on stderr and its exit code, Ctrl-C into exit code 130, SIGTERM and SIGHUP into 128 + the
+    signal's number, each after the command's temporary outputs are removed."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -52,10 +85,14 @@ def handles_errors(function: Callable) -> Callable:
 
         configure_process()  # before torch starts its threads
         try:
-            return function(*args, **kwargs)
+            with _termination_raises():
+                return function(*args, **kwargs)
         except TarganError as error:
             print_error(str(error))
             raise typer.Exit(error.exit_code) from None
+        except Terminated as stop:
+            print_error(f"terminated by {signal.Signals(stop.signum).name}")
+            raise typer.Exit(128 + stop.signum) from None
         except KeyboardInterrupt:
             print_error("interrupted")
             raise typer.Exit(130) from None
@@ -85,11 +122,11 @@ def convert(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Convert an official TarGAN generator checkpoint into a weights folder (loaded with weights_only=True)."""
-    from targan_cli.console import console
+    from targan_cli.console import console, strong
     from targan_cli.workflows.convert import convert_official
 
     result = convert_official(checkpoint, output, overwrite=overwrite)
-    console.print(f"Wrote [bold]{result.folder}[/] ({result.parameters:,} parameters, "
+    console.print(f"Wrote {strong(result.folder)} ({result.parameters:,} parameters, "
                   f"modalities {', '.join(result.modalities)})")
 
 
@@ -127,7 +164,9 @@ def translate(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Translate whole volumes into another modality; the output keeps the input's geometry."""
-    from targan_cli.console import console, progress_bar
+    from rich.markup import escape
+
+    from targan_cli.console import console, progress_bar, strong
     from targan_cli.workflows.translate import translate as translate_volumes
 
     with progress_bar("Translating", total=None, unit="slices") as advance:
@@ -137,10 +176,14 @@ def translate(
             part_id=part_id, overwrite=overwrite, progress=advance,
             total_callback=lambda total: advance(0, total=total))
     written = str(result.outputs[0]) if len(result.outputs) == 1 else f"{len(result.outputs)} volumes to {output}"
-    console.print(f"Wrote [bold]{written}[/] ({result.target}): {result.slices} slices in "
-                  f"{result.seconds:.1f} s, {result.slices_per_second:.1f} slices/s on {result.device}")
+    sources = ", ".join(dict.fromkeys(choice.name for choice in result.sources))
+    console.print(f"Wrote {strong(written)} ({escape(sources)} → {escape(result.target)}): {result.slices} slices "
+                  f"in {result.seconds:.1f} s, {result.slices_per_second:.1f} slices/s on {result.device}")
+    for choice in dict.fromkeys(choice for choice in result.sources if choice.reason is not None):
+        console.print(f"--from {escape(choice.name)} was inferred: {escape(choice.reason)}; pass --from to choose",
+                      highlight=False)
     if result.preview is not None:
-        console.print(f"Preview [bold]{result.preview}[/]")
+        console.print(f"Preview {strong(result.preview)}")
 
 
 @app.command()
@@ -169,7 +212,7 @@ def enrich(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write an nnU-Net v2 raw dataset: the real image as channel 0, its translations as channels 1.. (resumable)."""
-    from targan_cli.console import console, progress_bar
+    from targan_cli.console import console, progress_bar, strong
     from targan_cli.workflows.enrich import enrich as enrich_dataset
 
     with progress_bar("Enriching", total=None, unit="cases") as advance:
@@ -178,7 +221,7 @@ def enrich(
             single_channel=single_channel, dataset_id=dataset_id, name=name, labels=labels, device=device,
             precision=precision, batch_size=batch_size, overwrite=overwrite, progress=advance,
             total_callback=lambda total: advance(0, total=total))
-    console.print(f"Wrote [bold]{result.folder}[/]: channels {', '.join(result.channels)}; "
+    console.print(f"Wrote {strong(result.folder)}: channels {', '.join(result.channels)}; "
                   f"{len(result.written)} case(s) written, {len(result.skipped)} already complete; "
                   f"{result.training} training case(s), {result.test} in imagesTs")
 
@@ -223,7 +266,9 @@ def train(
     import shlex
     import sys
 
-    from targan_cli.console import console, format_value, print_warning, progress_bar
+    from rich.markup import escape
+
+    from targan_cli.console import console, format_value, print_warning, progress_bar, strong
     from targan_cli.workflows.train import TrainProgress, is_main_process
     from targan_cli.workflows.train import train as run_training
 
@@ -254,13 +299,13 @@ def train(
     if result.interrupted:
         command = ["targan", *[arg for arg in sys.argv[1:] if arg not in ("--overwrite", "--resume")], "--resume"]
         print_warning(f"stopped at step {result.steps}; checkpoint saved to {result.checkpoint}")
-        console.print(f"Resume with: [bold]{shlex.join(command)}[/]")
+        console.print(f"Resume with: {strong(shlex.join(command))}")
         raise typer.Exit(130)
-    console.print(f"Trained {result.steps} steps ({result.epochs_completed} epochs) in [bold]{result.run_dir}[/]")
-    console.print(f"EMA generator exported to [bold]{result.export_dir}[/]")
-    console.print(f"Translate with: [bold]targan translate INPUT.nii.gz -o OUTPUT.nii.gz --from "
-                  f"{result.modalities[0]} --to {result.modalities[-1]} --weights {result.export_dir}[/] "
-                  f"(modalities: {', '.join(result.modalities)})")
+    console.print(f"Trained {result.steps} steps ({result.epochs_completed} epochs) in {strong(result.run_dir)}")
+    console.print(f"EMA generator exported to {strong(result.export_dir)}")
+    example = shlex.join(["targan", "translate", "INPUT.nii.gz", "-o", "OUTPUT.nii.gz", "--from",
+                          result.modalities[0], "--to", result.modalities[-1], "--weights", str(result.export_dir)])
+    console.print(f"Translate with: {strong(example)} (modalities: {escape(', '.join(result.modalities))})")
 
 
 @app.command()
@@ -293,7 +338,9 @@ def evaluate(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Evaluate translations (the paper's Table 1: FID, S-score; paired PSNR/SSIM/MAE) or segmentations (Table 2)."""
-    from targan_cli.console import console, evaluation_table, progress_bar
+    from rich.markup import escape
+
+    from targan_cli.console import console, evaluation_table, progress_bar, strong
     from targan_cli.workflows.evaluate import evaluate as run_evaluation
 
     with progress_bar("Evaluating", total=None, unit="volumes") as advance:
@@ -304,10 +351,10 @@ def evaluate(
             total_callback=lambda total: advance(0, total=total))
     console.print(evaluation_table(result))
     for note in result.notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {escape(note)}", highlight=False)
     for path in (json_out, csv_out):
         if path is not None:
-            console.print(f"Wrote [bold]{path}[/]")
+            console.print(f"Wrote {strong(path)}")
 
 
 @app.command("train-segmenter")
@@ -329,7 +376,7 @@ def train_segmenter(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a 2D U-Net liver segmenter on real slices of one modality (for the S-score)."""
-    from targan_cli.console import console, progress_bar
+    from targan_cli.console import console, progress_bar, strong
     from targan_cli.workflows.segment import train_segmenter as run_training
 
     with progress_bar(f"Training the {modality} segmenter", total=None, unit="steps") as advance:
@@ -337,7 +384,7 @@ def train_segmenter(
                               batch_size=batch_size, learning_rate=learning_rate, device=device, seed=seed,
                               overwrite=overwrite, progress=advance,
                               total_callback=lambda total: advance(0, total=total))
-    console.print(f"Wrote [bold]{result.folder}[/] ({result.modality}: {result.train_cases} cases, "
+    console.print(f"Wrote {strong(result.folder)} ({result.modality}: {result.train_cases} cases, "
                   f"{result.train_slices} slices, final loss {result.epoch_losses[-1]:.4f}, "
                   f"{result.seconds:.1f} s on {result.device})")
     if result.test_dice is not None:
@@ -357,12 +404,12 @@ def segment(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Segment the liver of a volume with a trained segmenter; the mask keeps the input's geometry."""
-    from targan_cli.console import console
+    from targan_cli.console import console, strong
     from targan_cli.workflows.segment import segment as run_segment
 
     result = run_segment(input, output, segmenter=segmenter, source=source, device=device,
                          batch_size=batch_size, overwrite=overwrite)
-    console.print(f"Wrote [bold]{result.output}[/] ({result.modality} liver: {result.liver_voxels:,} voxels, "
+    console.print(f"Wrote {strong(result.output)} ({result.modality} liver: {result.liver_voxels:,} voxels, "
                   f"{result.liver_ml:.1f} mL, {result.seconds:.1f} s on {result.device})")
 
 
@@ -375,7 +422,7 @@ def demo(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Run the whole pipeline offline on synthetic phantoms: data, training, translation, evaluation, report."""
-    from targan_cli.console import console, evaluation_table, progress_bar
+    from targan_cli.console import console, evaluation_table, progress_bar, strong
     from targan_cli.workflows.demo import DemoProgress, run_demo
 
     with progress_bar("Demo", total=None) as advance:
@@ -387,10 +434,10 @@ def demo(
     won = sum(result.wins.values())
     console.print(f"The demo model beats the identity baseline in {won} of {len(result.wins)} columns "
                   "(per column: demo.json).")
-    console.print(f"Report   [bold]{result.report}[/]")
-    console.print(f"Montage  [bold]{result.montage}[/]")
-    console.print(f"Metrics  [bold]{result.metrics}[/]")
-    console.print(f"Weights  [bold]{result.weights}[/]  ({result.seconds:.0f} s on {result.device})")
+    console.print(f"Report   {strong(result.report)}")
+    console.print(f"Montage  {strong(result.montage)}")
+    console.print(f"Metrics  {strong(result.metrics)}")
+    console.print(f"Weights  {strong(result.weights)}  ({result.seconds:.0f} s on {result.device})")
 
 
 @data_app.command("phantom")
@@ -405,13 +452,13 @@ def data_phantom(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write synthetic abdominal phantoms (CT, T1w, T2w, liver labels) in the DATA layout."""
-    from targan_cli.console import console, progress_bar
+    from targan_cli.console import console, progress_bar, strong
     from targan_cli.data.phantom import phantom_steps, write_phantom_dataset
 
     with progress_bar("phantoms", phantom_steps(cases, test_cases), "volumes") as advance:
         summary = write_phantom_dataset(out, cases=cases, size=size, slices=slices, seed=seed,
                                         test_cases=test_cases, overwrite=overwrite, progress=advance)
-    console.print(f"Wrote [bold]{summary.root}[/]: {summary.files} NIfTI files, modalities "
+    console.print(f"Wrote {strong(summary.root)}: {summary.files} NIfTI files, modalities "
                   f"{', '.join(summary.modalities)}, {len(summary.test_cases)} paired test case(s)")
 
 
@@ -425,13 +472,13 @@ def data_import_chaos(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Import CHAOS 2019 (CT, T1 in-phase, T2-SPIR, liver masks) into the DATA layout, split by patient."""
-    from targan_cli.console import console, progress_bar
+    from targan_cli.console import console, progress_bar, strong
     from targan_cli.data.chaos import find_chaos_series, import_chaos
 
     with progress_bar("CHAOS", len(find_chaos_series(chaos_dir)), "series") as advance:
         summary = import_chaos(chaos_dir, out, test_fraction=test_fraction, seed=seed,
                                overwrite=overwrite, progress=advance)
-    console.print(f"Wrote [bold]{summary.out}[/]: {summary.volumes} volumes, {summary.slices} slices")
+    console.print(f"Wrote {strong(summary.out)}: {summary.volumes} volumes, {summary.slices} slices")
     console.print("The CHAOS data are licensed CC-BY-NC-SA 4.0.")
 
 

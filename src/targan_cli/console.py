@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
@@ -16,13 +17,19 @@ console = Console()
 error_console = Console(stderr=True)
 
 
+def strong(value: Any) -> str:
+    """``value`` in bold, its text shown as it is: a path may hold square brackets, which Rich
+    would otherwise read as markup (and drop, or fail on)."""
+    return f"[bold]{escape(str(value))}[/]"
+
+
 def print_error(message: str) -> None:
-    """One line on stderr, no traceback."""
-    error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One line on stderr, no traceback; ``message`` is plain text, not markup."""
+    error_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def print_warning(message: str) -> None:
-    error_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    error_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -44,11 +51,11 @@ def progress_bar(description: str, total: int | None, unit: str = "") -> Iterato
 
 
 def key_value_table(title: str, rows: Mapping[str, Any]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=escape(title), show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, value in rows.items():
-        table.add_row(key, str(value))
+        table.add_row(escape(key), escape(str(value)))
     return table
 
 
@@ -62,14 +69,14 @@ def metric_table(title: str, columns: Sequence[str], rows: Sequence[tuple[str, S
                  best: Sequence[int | None] = ()) -> Table:
     """A paper-style table: one row per label, one column per metric; ``best[c]`` is the row index
     to highlight in column ``c`` (or None)."""
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     table.add_column("", style="bold")
     for column in columns:
-        table.add_column(column, justify="right")
+        table.add_column(escape(column), justify="right")
     for row_index, (label, cells) in enumerate(rows):
-        styled = [f"[bold green]{cell}[/]" if column < len(best) and best[column] == row_index else cell
+        styled = [f"[bold green]{escape(cell)}[/]" if column < len(best) and best[column] == row_index else escape(cell)
                   for column, cell in enumerate(cells)]
-        table.add_row(label, *styled)
+        table.add_row(escape(label), *styled)
     return table
 
 
@@ -101,11 +108,11 @@ def evaluation_table(result: Any, max_columns: int = 6) -> Table:
     labels = [column.label for column in result.columns]
     if len(labels) <= max_columns:
         return metric_table(result.title, labels, list(zip(result.models, cells)), result.best)
-    table = Table(title=result.title, title_justify="left")
+    table = Table(title=escape(result.title), title_justify="left")
     table.add_column("", style="bold")
     for model in result.models:
-        table.add_column(model, justify="right")
+        table.add_column(escape(model), justify="right")
     for index, label in enumerate(labels):
-        table.add_row(label, *[f"[bold green]{row[index]}[/]" if result.best[index] == model else row[index]
-                               for model, row in enumerate(cells)])
+        table.add_row(escape(label), *[f"[bold green]{escape(row[index])}[/]" if result.best[index] == model
+                                       else escape(row[index]) for model, row in enumerate(cells)])
     return table

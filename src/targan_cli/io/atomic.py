@@ -14,18 +14,29 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from targan_cli.errors import TarganError
 
 
-def check_writable(path: str | Path, overwrite: bool) -> Path:
-    """Refuse, before any work, an existing output without ``overwrite`` and an output that cannot
-    be written (the nearest existing folder above it is a file or not writable). Creates nothing:
-    ``atomic_output`` creates the missing folders when it writes, so a command that fails before
-    then leaves no empty folder behind."""
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # hard links and symbolic links too
+    except OSError:  # one does not exist
+        return a.resolve() == b.resolve()
+
+
+def check_writable(path: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse, before any work, an output that is one of the command's ``inputs`` (``overwrite``
+    replaces outputs, never what is being read), an existing output without ``overwrite`` and an
+    output that cannot be written (the nearest existing folder above it is a file or not
+    writable). Creates nothing: ``atomic_output`` creates the missing folders when it writes, so a
+    command that fails before then leaves no empty folder behind."""
     path = Path(path)
+    for source in inputs:
+        if _same_file(path, Path(source)):
+            raise TarganError(f"is also an input ({source}): write the output under another name", path)
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise TarganError("already exists; pass --overwrite to replace it", path)
     existing = path.parent

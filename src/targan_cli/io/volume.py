@@ -7,7 +7,9 @@ voxel order into the one orientation the model sees, ``from_slices`` turns model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pydicom
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from pydicom.errors import InvalidDicomError
 
-from targan_cli.errors import TarganError
+from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import atomic_output
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -30,6 +32,7 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # its declared data cannot hold it.
 _MAX_DEFLATE_RATIO = 1032
 _INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,7 +46,7 @@ class Volume:
     array: np.ndarray
     affine: np.ndarray
     header: nib.Nifti1Header | nib.Nifti2Header | None = None
-    modality: str | None = None  # "CT" or "MR" from the DICOM Modality tag; None when unknown
+    modality: str | None = None  # the DICOM Modality tag ("CT", "MR", "PT"...); None when unknown
     source: Path | None = None
 
     def __post_init__(self) -> None:
@@ -77,6 +80,15 @@ class Volume:
 def _nifti_suffix(path: Path) -> str | None:
     name = path.name.lower()
     return next((suffix for suffix in NIFTI_SUFFIXES if name.endswith(suffix)), None)
+
+
+def check_nifti_output(path: str | Path, what: str = "the output") -> Path:
+    """Refuse, before any work, an output name that is not ``<name>.nii.gz`` or ``<name>.nii``."""
+    path = Path(path)
+    suffix = _nifti_suffix(path)
+    if suffix is None or len(path.name) == len(suffix):
+        raise UsageError(f"{what} is a NIfTI file: name it NAME.nii.gz or NAME.nii", path)
+    return path
 
 
 def _has_dicom_magic(path: Path) -> bool:
@@ -168,7 +180,8 @@ def _read_nifti(path: Path) -> Volume:
     if size == 0:
         raise TarganError("empty file (0 bytes)", path)
     try:  # nibabel, gzip and zlib raise many exception types for a damaged header
-        image = nib.load(path)
+        with _nibabel_quiet():
+            image = nib.load(path)
     except Exception as error:
         raise TarganError(f"not a readable NIfTI file ({_reason(error)})", path) from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -199,10 +212,28 @@ def _read_nifti(path: Path) -> Volume:
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
             raise TarganError(f"{bad} voxel(s) are NaN or infinite", path)
+        largest = max(-float(array.min()), float(array.max()))
+        if largest > _FLOAT32_MAX:  # float64 data, or a huge scl_slope
+            raise TarganError(f"holds values up to {largest:.3g} in magnitude, beyond float32's range "
+                              f"({_FLOAT32_MAX:.3g}): check its scaling (scl_slope) or its values", path)
     affine = image.affine
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise TarganError(f"has no usable orientation (affine {np.round(affine, 3).tolist()})", path)
     return Volume(array, affine, header.copy(), None, path)
+
+
+@contextlib.contextmanager
+def _nibabel_quiet() -> Iterator[None]:
+    """Silence nibabel's log of the header fixes it makes on load ("pixdim[1,2,3] should be
+    non-zero; setting 0 dims to 1"): lines on stderr that no one asked for. (nibabel's own
+    LoggingOutputSuppressor removes the handler, and Python's last-resort handler prints anyway.)"""
+    logger = nib.imageglobals.logger
+    disabled = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 def _check_declared_size(path: Path, header: nib.Nifti1Header, shape: tuple[int, ...], size: int) -> None:
@@ -242,6 +273,7 @@ def read_dicom_series(files: Sequence[Path]) -> tuple[Volume, list[Path]]:
     first = slices[0]
     for other in slices[1:]:
         _check_same_series(first, other, folder)
+    _check_one_series_uid(slices, folder)
     normal = np.cross(first.orientation[:3], first.orientation[3:])
     positions = np.array([s.position @ normal for s in slices])
     order = np.argsort(positions, kind="stable")
@@ -257,8 +289,7 @@ def read_dicom_series(files: Sequence[Path]) -> tuple[Volume, list[Path]]:
     affine_lps[:3, 2] = step_vector
     affine_lps[:3, 3] = first.position
     array = _stack_pixels(slices)
-    modality = first.modality if first.modality in ("CT", "MR") else None
-    volume = Volume(array, _LPS_TO_RAS @ affine_lps, None, modality, folder)
+    volume = Volume(array, _LPS_TO_RAS @ affine_lps, None, first.modality or None, folder)
     return volume, [s.file for s in slices]
 
 
@@ -271,6 +302,7 @@ class _DicomSlice:
     pixel_spacing: tuple[float, float]  # (between rows, between columns) mm
     size: tuple[int, int]  # (Rows, Columns)
     modality: str  # the Modality tag as written, "" when absent
+    series_uid: str  # SeriesInstanceUID, "" when absent
     slope: float
     intercept: float
 
@@ -313,7 +345,8 @@ def _read_dicom_slice(file: Path) -> _DicomSlice:
         file=file, dataset=dataset, orientation=orientation, position=position,
         pixel_spacing=pixel_spacing,  # type: ignore[arg-type]
         size=(int(dataset.Rows), int(dataset.Columns)),
-        modality=modality, slope=slope, intercept=intercept,
+        modality=modality, series_uid=str(getattr(dataset, "SeriesInstanceUID", "")).strip(),
+        slope=slope, intercept=intercept,
     )
 
 
@@ -331,6 +364,17 @@ def _check_same_series(first: _DicomSlice, other: _DicomSlice, folder: Path) -> 
         raise differ("pixel spacing", first.pixel_spacing, other.pixel_spacing)
     if first.modality != other.modality:
         raise differ("Modality", first.modality or "none", other.modality or "none")
+
+
+def _check_one_series_uid(slices: list[_DicomSlice], folder: Path) -> None:
+    """Refuse files of several series by SeriesInstanceUID. Some anonymisers (CHAOS's among them)
+    give every file a UID of its own, which says nothing: only UIDs shared by several files count."""
+    counts = Counter(s.series_uid for s in slices if s.series_uid)
+    if len(counts) > 1 and max(counts.values()) > 1:
+        groups = " and ".join(f"{count} file(s) of {uid}" for uid, count in counts.most_common(2))
+        more = f" (and {len(counts) - 2} more)" if len(counts) > 2 else ""
+        raise TarganError(f"holds {len(counts)} series by SeriesInstanceUID: {groups}{more}; "
+                          "put each series in its own folder", folder)
 
 
 def _slice_step(slices: list[_DicomSlice], positions: np.ndarray, normal: np.ndarray,
@@ -383,27 +427,33 @@ def _stack_pixels(slices: list[_DicomSlice]) -> np.ndarray:
 
 
 def write_volume(path: str | Path, volume: Volume, *, label: bool = False, overwrite: bool = False) -> Path:
-    """Write a volume as NIfTI with its affine and the source's qform/sform codes.
+    """Write a volume as NIfTI in its source's geometry: the source header's qform, sform, codes,
+    units and NIfTI version when the volume's affine is still the header's; else the affine as
+    scanner coordinates (qform and sform code 1).
 
     The on-disk type is uint8 for labels, int16 when every value is an integer that fits
     (e.g. rounded HU), float32 otherwise. Nothing is rounded here.
     """
-    path = Path(path)
-    if _nifti_suffix(path) is None:
-        raise TarganError("can only write NIfTI: the output name must end in .nii or .nii.gz", path)
+    path = check_nifti_output(path)
     array = _output_array(volume.array, label)
-    if volume.header is not None:
-        header = nib.Nifti1Header.from_header(volume.header)
-        qform_code, sform_code = int(volume.header["qform_code"]), int(volume.header["sform_code"])
-    else:
+    source = volume.header
+    if source is not None and np.allclose(source.get_best_affine(), volume.affine, rtol=0, atol=1e-9):
+        # The source's geometry as it is: qform and sform each with its own matrix and code (they
+        # may differ, or both be unset), pixdim, units, NIfTI-1 or NIfTI-2, trailing unit dims.
+        declared = tuple(int(n) for n in source.get_data_shape())
+        if declared[:3] == array.shape and all(n == 1 for n in declared[3:]):
+            array = array.reshape(declared)
+        image_class = nib.Nifti2Image if isinstance(source, nib.Nifti2Header) else nib.Nifti1Image
+        image = image_class(array, None, source.copy())
+    else:  # a DICOM series (scanner coordinates), or a header that no longer fits the affine
         header = nib.Nifti1Header()
-        header.set_xyzt_units("mm", "sec")
-        qform_code = sform_code = 0
-    if qform_code == 0 and sform_code == 0:
-        qform_code = sform_code = 1  # scanner coordinates: the affine is the one to trust
-    image = nib.Nifti1Image(array, volume.affine, header)
-    image.header.set_qform(volume.affine, code=qform_code)
-    image.header.set_sform(volume.affine, code=sform_code)
+        if source is not None:
+            header = nib.Nifti1Header.from_header(source)
+        else:
+            header.set_xyzt_units("mm", "sec")
+        image = nib.Nifti1Image(array, volume.affine, header)
+        image.header.set_qform(volume.affine, code=1)
+        image.header.set_sform(volume.affine, code=1)
     image.header.set_data_dtype(array.dtype)
     image.header.set_slope_inter(np.nan, np.nan)
     image.header["cal_min"] = image.header["cal_max"] = 0
@@ -503,7 +553,8 @@ def canonical_depth(path: str | Path) -> int:
     path = Path(path)
     if _nifti_suffix(path) is not None:
         try:
-            image = nib.load(path)
+            with _nibabel_quiet():
+                image = nib.load(path)
             if len(image.shape) == 3 or (len(image.shape) == 4 and image.shape[3] == 1):
                 return slice_frame(image.shape, image.affine, path).canonical_shape[0]
         except Exception:  # a damaged or odd file: read_volume names the problem below

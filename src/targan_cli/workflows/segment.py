@@ -29,7 +29,8 @@ from targan_cli.core.slicing import from_model, plane_fit, to_model
 from targan_cli.data.dataset import Case, DataDir, load_slices, open_data_dir
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import check_writable
-from targan_cli.io.volume import Volume, from_slices, read_label, read_volume, to_slices, write_volume
+from targan_cli.io.volume import (Volume, check_nifti_output, from_slices, read_label, read_volume, to_slices,
+                                  write_volume)
 from targan_cli.io.weights import CONFIG_FILE, load_tensors_into, save_model_folder
 
 SEGMENTER_FILE = "model.safetensors"
@@ -200,9 +201,8 @@ def segment(input: str | Path, output: str | Path, *, segmenter: str | Path, sou
     input, output = Path(input), Path(output)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    if not output.name.lower().endswith((".nii", ".nii.gz")):
-        raise UsageError("the mask is a NIfTI file: its name must end in .nii.gz or .nii", output)
-    check_writable(output, overwrite)
+    check_nifti_output(output, "the mask")
+    check_writable(output, overwrite, inputs=[input])
     torch_device = pick_device(device)
     loaded = load_segmenter(segmenter, torch_device)
     started = time.perf_counter()

@@ -22,7 +22,7 @@ from targan_cli.core.intensity import denormalize, guess_kind, normalize
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import check_writable
 from targan_cli.io.montage import save_montage
-from targan_cli.io.volume import (Volume, canonical_depth, case_id, from_slices, is_volume_path,
+from targan_cli.io.volume import (Volume, canonical_depth, check_nifti_output, case_id, from_slices, is_volume_path,
                                   list_volumes, read_volume, slice_frame, to_slices, write_volume)
 from targan_cli.io.weights import Weights, load_weights
 
@@ -40,6 +40,7 @@ class TranslateResult:
     seconds: float
     device: str
     preview: Path | None = None
+    sources: tuple[SourceChoice, ...] = ()  # per output, how its input's modality was chosen
 
     @property
     def slices_per_second(self) -> float:
@@ -61,33 +62,49 @@ def _modalities(config: WeightsConfig) -> str:
     return ", ".join(config.modality_names)
 
 
-def infer_source(config: WeightsConfig, volume: Volume, source: str | None, target: str) -> str:
-    """The input's modality name: ``source`` (--from) if given; else the weights' only modality of
-    the input's kind (CT or MR: the DICOM Modality tag, or for NIfTI the values: Hounsfield units
-    are CT, non-negative values MR), leaving ``target`` out when that decides it; else the weights'
-    only modality other than ``target``. Otherwise a usage error listing the names.
+@dataclass(frozen=True)
+class SourceChoice:
+    """The input's modality name, and why when ``--from`` did not give it (shown to the user)."""
+
+    name: str
+    reason: str | None = None  # None: given with --from
+
+
+def infer_source(config: WeightsConfig, volume: Volume, source: str | None, target: str) -> SourceChoice:
+    """The input's modality: ``source`` (--from) if given; else the weights' only modality of the
+    input's kind (CT or MR: the DICOM Modality tag, or for NIfTI the values: Hounsfield units are
+    CT, non-negative values MR), leaving ``target`` out when that decides it; else the weights'
+    only modality other than ``target``. Otherwise a usage error listing the names. A DICOM
+    series of another modality (PT, US...) needs --from.
     """
     if source is not None:
         config.modality_index(source)
-        return source
-    kind = volume.modality.lower() if volume.modality is not None else guess_kind(volume.array)
-    where = f"the DICOM series is {volume.modality}" if volume.modality is not None else (
+        return SourceChoice(source)
+    tag = volume.modality
+    if tag is not None and tag not in ("CT", "MR"):
+        raise UsageError(f"the DICOM series is {tag}, not CT or MR: pass --from with the modality "
+                         f"to treat it as, one of {_modalities(config)}", volume.source)
+    kind = tag.lower() if tag is not None else guess_kind(volume.array)
+    where = f"the DICOM series is {tag}" if tag is not None else (
         f"the values look like {kind.upper()}" if kind is not None else "")
     if kind is not None:
         names = [m.name for m in config.modalities if m.intensity.kind == kind]
-        if len(names) > 1:
-            names = [name for name in names if name != target]
         if len(names) == 1:
-            return names[0]
-        if not names and volume.modality is not None:
-            raise UsageError(f"{where} but these weights have no {volume.modality} modality "
+            return SourceChoice(names[0], f"{where}, the weights' only {kind.upper()} modality")
+        if len(names) > 1:
+            others = [name for name in names if name != target]
+            if len(others) == 1:
+                return SourceChoice(others[0], f"{where}, the weights' only {kind.upper()} modality "
+                                               "other than --to")
+        if not names and tag is not None:
+            raise UsageError(f"{where} but these weights have no {tag} modality "
                              f"(they know {_modalities(config)})", volume.source)
         if len(names) > 1:
             raise UsageError(f"{where}, which fits several modalities of these weights: pass --from "
                              f"with one of {', '.join(names)}", volume.source)
     others = [name for name in config.modality_names if name != target]
     if len(others) == 1:
-        return others[0]
+        return SourceChoice(others[0], "the weights' only modality other than --to")
     raise UsageError(f"pass --from with the input's modality, one of {_modalities(config)} "
                      "(a NIfTI file does not say which it is)", volume.source)
 
@@ -152,10 +169,7 @@ def _plan(input: Path, output: Path, num_parts: int, part_id: int,
     if input.is_file() or is_volume_path(input):
         if num_parts > 1:
             raise UsageError("--num-parts splits a folder of NIfTI files; the input is a single volume", input)
-        if not output.name.lower().endswith((".nii", ".nii.gz")):
-            raise UsageError("the output of a single volume is a NIfTI file: its name must end in "
-                             ".nii.gz or .nii", output)
-        return [input], [output]
+        return [input], [check_nifti_output(output, "the output of a single volume")]
     if preview is not None:
         raise UsageError("--preview shows one volume; pass a single NIfTI file or DICOM folder with it")
     files = list_volumes(input)
@@ -212,7 +226,7 @@ def translate(
         raise UsageError("the preview is a PNG: its name must end in .png", preview)
     inputs, outputs = _plan(input, output, num_parts, part_id, preview)
     for path in [*outputs, *([preview] if preview is not None else [])]:
-        check_writable(path, overwrite)
+        check_writable(path, overwrite, inputs=inputs)
     torch_device = pick_device(device)
     dtype = check_precision(precision, torch_device)
     loaded = load_weights(weights, revision, torch_device)
@@ -229,13 +243,16 @@ def translate(
     if total_callback is not None:
         total_callback(total)
     written_preview = None
+    sources: list[SourceChoice] = []
     for path, target_path in zip(inputs, outputs):
         volume = first if first is not None else read_volume(path)
-        source_name = infer_source(loaded.config, volume, source, to)
+        choice = infer_source(loaded.config, volume, source, to)
+        sources.append(choice)
+        source_name = choice.name
         translation = _translate(volume, loaded, source_name, to, batch_size=batch_size, dtype=dtype,
                                  progress=progress)
         write_volume(target_path, translation.volume, overwrite=overwrite)
         if preview is not None:
             written_preview = _preview(preview, translation, source_name, to, loaded.config, overwrite)
     return TranslateResult(tuple(outputs), to, total, time.perf_counter() - started, str(torch_device),
-                           written_preview)
+                           written_preview, tuple(sources))

@@ -280,6 +280,15 @@ def test_output_folder_rules(chaos_dir: Path, tmp_path: Path) -> None:
         import_chaos(chaos_dir, chaos_dir / "Train_Sets" / "out", overwrite=True)
     with pytest.raises(TarganError, match="outside the CHAOS folder"):
         import_chaos(chaos_dir, chaos_dir, overwrite=True)
+    with pytest.raises(TarganError, match="outside the CHAOS folder"):  # beside Train_Sets: still inside
+        import_chaos(chaos_dir, chaos_dir / "out")
+    assert sorted(p.name for p in chaos_dir.iterdir()) == ["Train_Sets"]
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    with pytest.raises(TarganError, match="holds no dataset.json; refusing to replace it") as caught:
+        import_chaos(chaos_dir, foreign, overwrite=True)  # not a dataset: never replaced
+    assert caught.value.path == foreign and (foreign / "notes.txt").read_text() == "precious"
     with pytest.raises(TarganError, match="test fraction"):
         import_chaos(chaos_dir, tmp_path / "other", test_fraction=1.0)
     assert json.loads((out / "dataset.json").read_text())["name"] == "chaos2019"

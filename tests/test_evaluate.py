@@ -189,6 +189,26 @@ def test_paired_truth_against_itself_is_perfect(setup: dict[str, Path], tmp_path
     assert document["rows"][0]["cells"][0] == {"mean": None, "std": None, "count": 0, "missing": 0, "infinite": 4}
 
 
+def test_a_case_without_its_paired_rendering_is_counted_as_n_a_and_named(setup: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    copy = tmp_path / "data"
+    shutil.copytree(setup["data"], copy, ignore=shutil.ignore_patterns(".cache"))
+    gone = sorted((copy / "test" / "ct" / "paired" / "t1w").iterdir())[0]
+    gone.unlink()
+    data = open_data_dir(copy)
+    # the translation of the case without its t1w rendering is never compared: any MR image does
+    truth = _oracle("paired truth", data.spec.modalities,
+                    lambda case, target: case.paired.get(target, case.paired.get("t2w")))
+    result = evaluate_models(data, [truth], ["psnr"])
+    column = next(i for i, c in enumerate(result.columns) if c.label == "PSNR t1w body")
+    summary = result.summaries[0][column]
+    assert (summary.count, summary.missing, summary.infinite) == (0, 1, 3)  # 4 t1w cases: 3 perfect, 1 n/a
+    assert [r.case for r in result.records if r.target == "t1w" and r.value is None and r.region == "body"] == [
+        gone.name.removesuffix(".nii.gz")]
+    assert list(result.notes) == [f"1 test case(s) have no paired t1w rendering (the first belongs at {gone}): "
+                            "n/a in the t1w psnr cells"]
+
+
 def test_fid_is_zero_when_the_synthetic_slices_are_the_real_ones(setup: dict[str, Path],
                                                                   full_run: EvaluationResult) -> None:
     data = open_data_dir(setup["data"])
@@ -346,6 +366,13 @@ def test_fid_feature_and_output_problems_are_found_before_any_work(setup: dict[s
     refused = runner.invoke(app, [*common, "--fid-features", str(setup["features"]), "--json", str(existing)])
     assert refused.exit_code == 1 and "already exists; pass --overwrite" in refused.stderr
     assert existing.read_text() == "{}"
+    features = ["--fid-features", str(setup["features"])]
+    same = runner.invoke(app, [*common, *features, "--json", str(tmp_path / "t"), "--csv", str(tmp_path / "." / "t")])
+    assert same.exit_code == 2 and "--json and --csv name the same file" in same.stderr
+    (tmp_path / "folder").mkdir()
+    folder = runner.invoke(app, [*common, *features, "--json", str(tmp_path / "folder"), "--overwrite"])
+    assert folder.exit_code == 1 and "folder: is a folder: name a file to write" in folder.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt2", "folder", "out.json"]  # nothing written
 
 
 def test_parse_metrics_accepts_repeats_commas_and_case() -> None:

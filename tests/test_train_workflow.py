@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -139,6 +140,54 @@ def test_run_folder_rules(data, tmp_path):
     result = train(data, run, epochs=1, max_steps=1, overwrite=True, sample_every=0, **TINY)
     assert result.resumed_from is None
     assert not (run / "samples").exists() and (run / "notes.txt").read_text() == "mine"
+
+
+def test_resume_refuses_other_data_but_follows_the_data_when_it_moves(data, tmp_path):
+    """The same number of slices is not the same data: modalities in another order, other intensity
+    settings or another volume are refused; a copy of the data elsewhere resumes."""
+    run = tmp_path / "run"
+    train(data, run, epochs=1, max_steps=1, **TINY)
+
+    def variant(name, change):
+        copy = tmp_path / name
+        shutil.copytree(data, copy, ignore=shutil.ignore_patterns(".cache"))
+        change(copy)
+        return copy
+
+    def edit_spec(copy, edit):
+        spec = json.loads((copy / "dataset.json").read_text())
+        edit(spec)
+        (copy / "dataset.json").write_text(json.dumps(spec))
+
+    swapped = variant("swapped", lambda c: edit_spec(c, lambda s: s["modalities"].reverse()))
+    with pytest.raises(UsageError, match="started with modalities t1w, t2w, ct, now ct, t2w, t1w"):
+        train(swapped, run, resume=True, epochs=1, max_steps=2, **TINY)
+    ct = lambda spec: next(m for m in spec["modalities"] if m["name"] == "ct")  # noqa: E731
+    wider = variant("wider", lambda c: edit_spec(c, lambda s: ct(s)["intensity"].update(window_width=2000.0)))
+    with pytest.raises(UsageError, match="other intensity settings for its modalities"):
+        train(wider, run, resume=True, epochs=1, max_steps=2, **TINY)
+
+    def replace_a_ct_volume(copy):
+        image = next((copy / "train" / "ct" / "images").iterdir())
+        volume = nib.load(image)
+        nib.save(nib.Nifti1Image(np.asanyarray(volume.dataobj)[::-1].copy(), volume.affine, volume.header), image)
+    other = variant("other", replace_a_ct_volume)
+    with pytest.raises(UsageError, match="the training data differ from this run's"):
+        train(other, run, resume=True, epochs=1, max_steps=2, **TINY)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 1  # nothing ran
+
+    moved = variant("moved", lambda c: None)
+    assert train(moved, run, resume=True, epochs=1, max_steps=2, **TINY).resumed_from == 1
+
+
+def test_a_modality_without_training_volumes_is_refused(data, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy, ignore=shutil.ignore_patterns(".cache"))
+    shutil.rmtree(copy / "train" / "t2w")
+    with pytest.raises(TarganError, match="modality t2w has no training volumes") as caught:
+        train(copy, tmp_path / "run", epochs=1, **TINY)
+    assert caught.value.path == copy / "train" / "t2w"
+    assert not (tmp_path / "run").exists() and not (copy / ".cache").exists()
 
 
 @pytest.mark.parametrize("options, message", [

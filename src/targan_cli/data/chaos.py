@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from targan_cli.config import DatasetSpec, default_modalities
 from targan_cli.data.dataset import DATASET_JSON, IMAGES, LABELS
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import atomic_output
+from targan_cli.io.atomic import atomic_output, check_replaceable_folder
 from targan_cli.io.volume import read_dicom_series, write_volume
 
 CHAOS_NAME = "chaos2019"
@@ -153,12 +153,11 @@ def import_chaos(chaos_dir: str | Path, out: str | Path, test_fraction: float = 
         raise UsageError(f"test fraction must be in [0, 1), got {test_fraction}")
     out = Path(out)
     series = find_chaos_series(chaos_dir)
-    source = find_train_sets(chaos_dir).resolve()
+    source = Path(chaos_dir).resolve()
     target = out.resolve()
     if target == source or target in source.parents or source in target.parents:
         raise UsageError(f"the output folder must lie outside the CHAOS folder {source}", out)
-    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
-        raise TarganError("already exists and is not empty; pass --overwrite to replace it", out)
+    check_replaceable_folder(out, overwrite, DATASET_JSON)
 
     split_of: dict[tuple[str, str], str] = {}
     patients: dict[str, dict[str, tuple[str, ...]]] = {"train": {}, "test": {}}

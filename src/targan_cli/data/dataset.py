@@ -222,6 +222,17 @@ class SliceSet:
     def image_size(self) -> int:
         return int(self.images.shape[-1])
 
+    def digest(self, chunk: int = 256) -> str:
+        """A fingerprint of the content (SHA-256 of the case ids, modality indices, images and
+        labels; about 1 s per 1.4 GB): equal for the same data wherever the files lie."""
+        hasher = hashlib.sha256(json.dumps(self.case_ids).encode())
+        for array in (self.modality, self.case_index):
+            hasher.update(np.ascontiguousarray(array).data)
+        for start in range(0, len(self), chunk):
+            for array in (self.images, self.labels):
+                hasher.update(np.ascontiguousarray(array[start:start + chunk]).data)
+        return hasher.hexdigest()[:20]
+
 
 def load_slices(data: DataDir, split: str, image_size: int, cache_dir: Path | None = None,
                 progress: Progress | None = None) -> SliceSet:

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from targan_cli.config import DatasetSpec, default_modalities, read_json
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import atomic_output
+from targan_cli.io.atomic import atomic_output, check_replaceable_folder
 from targan_cli.io.montage import save_montage
 from targan_cli.io.volume import Volume, read_volume, to_slices, write_volume
 
@@ -533,20 +533,6 @@ def _check_options(cases: int, size: int, slices: int | None, seed: int, test_ca
             raise UsageError(f"{name} must be an integer of at least {minimum}, got {value!r}")
 
 
-def _check_output(out: Path) -> bool:
-    """Whether ``out`` already holds something; a file or a foreign folder is refused."""
-    if not (out.exists() or out.is_symlink()):
-        return False
-    if not out.is_dir():
-        raise TarganError("exists and is not a folder", out)
-    if not any(out.iterdir()):
-        return False
-    if not (out / "dataset.json").is_file():
-        raise TarganError("is not empty and holds no dataset.json; refusing to replace it, "
-                          "choose a new or empty folder", out)
-    return True
-
-
 def write_phantom_dataset(
     out: str | Path,
     *,
@@ -567,9 +553,7 @@ def write_phantom_dataset(
     ``out`` is replaced only with ``overwrite`` and only if it is a dataset (has dataset.json).
     """
     _check_options(cases, size, slices, seed, test_cases)
-    out = Path(out)
-    if _check_output(out) and not overwrite:
-        raise TarganError("already holds a dataset; pass --overwrite to replace it", out)
+    out = check_replaceable_folder(out, overwrite, "dataset.json")
     spec = DatasetSpec(
         modalities=default_modalities(PHANTOM_MODALITIES), target="liver", name="phantom",
         description=(f"synthetic abdominal phantoms (seed {seed}, {size} x {size}): unpaired training "

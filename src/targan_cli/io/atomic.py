@@ -27,11 +27,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
-def check_writable(path: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> Path:
+def check_writable(path: str | Path, overwrite: bool, inputs: Iterable[str | Path] = (),
+                   is_dir: bool = False) -> Path:
     """Refuse, before any work, an output that is one of the command's ``inputs`` (``overwrite``
-    replaces outputs, never what is being read), an existing output without ``overwrite`` and an
-    output that cannot be written (the nearest existing folder above it is a file or not
-    writable). Creates nothing: ``atomic_output`` creates the missing folders when it writes, so a
+    replaces outputs, never what is being read), an existing output without ``overwrite``, a
+    folder where a file is to be written (unless ``is_dir``) and an output that cannot be written
+    (the nearest existing folder above it is a file or not writable). Creates nothing: ``atomic_output`` creates the missing folders when it writes, so a
     command that fails before then leaves no empty folder behind."""
     path = Path(path)
     for source in inputs:
@@ -39,6 +40,8 @@ def check_writable(path: str | Path, overwrite: bool, inputs: Iterable[str | Pat
             raise TarganError(f"is also an input ({source}): write the output under another name", path)
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise TarganError("already exists; pass --overwrite to replace it", path)
+    if not is_dir and path.is_dir():
+        raise TarganError("is a folder: name a file to write", path)
     existing = path.parent
     while not existing.exists():
         existing = existing.parent
@@ -46,6 +49,25 @@ def check_writable(path: str | Path, overwrite: bool, inputs: Iterable[str | Pat
         raise TarganError("is a file: cannot create the output folder under it", existing)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TarganError("cannot write here: permission denied", existing)
+    return path
+
+
+def check_replaceable_folder(path: str | Path, overwrite: bool, marker: str) -> Path:
+    """Refuse, before any work, an output folder that may not be replaced: a file; a non-empty
+    folder without ``overwrite``; and, even with it, a non-empty folder without ``marker`` (the
+    file by which a folder this tool wrote is known, e.g. dataset.json): someone else's folder."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return path
+    if not path.is_dir():
+        raise TarganError("exists and is not a folder", path)
+    if not any(path.iterdir()):
+        return path
+    if not (path / marker).is_file():
+        raise TarganError(f"is not empty and holds no {marker}; refusing to replace it, "
+                          "choose a new or empty folder", path)
+    if not overwrite:
+        raise TarganError(f"already holds a {marker.split('.')[0]}; pass --overwrite to replace it", path)
     return path
 
 
@@ -103,7 +125,7 @@ def atomic_output(path: str | Path, overwrite: bool = False, is_dir: bool = Fals
 
     With ``is_dir`` the temporary is a folder, moved into place as a whole.
     """
-    path = check_writable(path, overwrite)
+    path = check_writable(path, overwrite, is_dir=is_dir)
     _make_parent(path)
     _remove_stale_temporaries(path)
     temporary = _temporary_name(path, is_dir)

@@ -38,7 +38,7 @@ from targan_cli.core.inference import translate_slices
 from targan_cli.core.intensity import body_mask, denormalize, normalize
 from targan_cli.core.metrics import FrechetDistance, dice, paired_metrics, ravd, summarize
 from targan_cli.core.slicing import PlaneFit, from_model, plane_fit, to_model
-from targan_cli.data.dataset import Case, DataDir, open_data_dir
+from targan_cli.data.dataset import PAIRED, Case, DataDir, open_data_dir
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import atomic_output, check_writable
 from targan_cli.io.features import feature_module_kind, inception_features, load_feature_module
@@ -311,6 +311,7 @@ def _evaluate_model(data: DataDir, model: EvaluatedModel, metrics: Sequence[str]
     size = (model.image_size, model.image_size)
     fids = {name: FrechetDistance(fid_features, size, device) for name in modalities} if needs.fid else {}
     records: list[Record] = []
+    paired_targets = _paired_targets(data, split)
     for source in modalities:
         for case in data.cases(split, source):
             image = read_volume(case.image)
@@ -341,6 +342,10 @@ def _evaluate_model(data: DataDir, model: EvaluatedModel, metrics: Sequence[str]
                                               dice(predicted, liver)))
                     if needs.paired and target in case.paired:
                         records.extend(_paired_records(model, case, image, target, synthetic, liver, needs.paired))
+                    elif needs.paired and target in paired_targets:  # others have one: n/a, counted
+                        records.extend(Record(model.label, metric, target, region, case.case_id, source, None)
+                                       for region in PAIRED_REGIONS if region == "body" or liver is not None
+                                       for metric in needs.paired)
                 if progress is not None:
                     progress(1)
     for target, fid in fids.items():
@@ -350,6 +355,30 @@ def _evaluate_model(data: DataDir, model: EvaluatedModel, metrics: Sequence[str]
             raise TarganError(f"FID of {target}: {error.message}", data.root) from None
         records.append(Record(model.label, "fid", target, None, None, None, value))
     return records
+
+
+def _paired_targets(data: DataDir, split: str) -> set[str]:
+    """The target modalities that some case of the split has a paired rendering in."""
+    return {target for case in data.cases(split) for target in case.paired}
+
+
+def _missing_pairs_notes(data: DataDir, split: str, targets: Sequence[str], metrics: Sequence[str]) -> list[str]:
+    """Notes for the paired cells that are n/a: a target without any paired rendering, or cases
+    without theirs where others have one (with where the first missing file belongs)."""
+    paired_targets = _paired_targets(data, split)
+    notes = []
+    for target in targets:
+        if target not in paired_targets:
+            notes.append(f"no paired {target} renderings in the {split} split: its {', '.join(metrics)} cells are n/a")
+            continue
+        missing = [case for case in data.cases(split) if case.modality in targets and case.modality != target
+                   and target not in case.paired]
+        if missing:
+            first = missing[0]
+            where = data.root / split / first.modality / PAIRED / target / f"{first.case_id}.nii.gz"
+            notes.append(f"{len(missing)} {split} case(s) have no paired {target} rendering (the first belongs at "
+                         f"{where}): n/a in the {target} {', '.join(metrics)} cells")
+    return notes
 
 
 def _columns(metrics: Sequence[str], targets: Sequence[str]) -> list[Column]:
@@ -447,9 +476,7 @@ def evaluate_models(data: DataDir, models: Sequence[EvaluatedModel], metrics: Se
         "batch_size": batch_size, "device": str(device), **(settings or {}),
     }
     requested_paired = [metric for metric in metrics if metric in PAIRED_METRICS]
-    paired_targets = {target for case in data.cases(split) for target in case.paired}
-    notes = [f"no paired {target} renderings in the {split} split: its {', '.join(requested_paired)} cells are n/a"
-             for target in targets if requested_paired and target not in paired_targets]
+    notes = _missing_pairs_notes(data, split, targets, requested_paired) if requested_paired else []
     return build_result(f"Translation metrics on {data.root.name} ({split})", labels, _columns(metrics, targets),
                         records, run_settings, notes)
 
@@ -536,6 +563,8 @@ def evaluate(
     metrics = parse_metrics(metrics)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if json_out is not None and csv_out is not None and Path(json_out).resolve() == Path(csv_out).resolve():
+        raise UsageError("--json and --csv name the same file; give each its own", json_out)
     for path in (json_out, csv_out):
         if path is not None:
             check_writable(path, overwrite)

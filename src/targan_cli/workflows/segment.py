@@ -302,7 +302,7 @@ def train_segmenter(
             raise UsageError(f"{name} must be at least 1, got {value}")
     if not learning_rate > 0:
         raise UsageError(f"the learning rate must be positive, got {learning_rate}")
-    out = check_writable(out, overwrite)
+    out = check_writable(out, overwrite, is_dir=True)
     dataset = open_data_dir(data)
     names = dataset.spec.modality_names
     if modality not in names:

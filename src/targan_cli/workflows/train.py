@@ -251,7 +251,9 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def _check_resume_settings(stored: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse to resume with settings that change the model, the losses or the data order."""
+    """Refuse to resume with settings that change the model, the losses, the data order or the
+    data: the modalities (names, order, intensity settings) and the training slices' content.
+    (Settings a checkpoint from an earlier version lacks cannot be checked.)"""
     def flat(settings: dict[str, Any]) -> dict[str, Any]:
         out = {}
         for key, value in settings.items():
@@ -262,11 +264,23 @@ def _check_resume_settings(stored: dict[str, Any], current: dict[str, Any], path
         return out
 
     old, new = flat(stored), flat(current)
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            what = "slices in the data" if key == "slices" else key
-            raise UsageError(f"--resume: this run was started with {what} = {old.get(key)!r}, now "
-                             f"{new.get(key)!r}; pass the run's original options", path)
+    first = ("modalities", "slices", "data_digest")  # the most telling difference is named
+    for key in [*first, *sorted((set(old) | set(new)) - set(first))]:
+        if key not in old and key in first or old.get(key) == new.get(key):
+            continue
+        if key == "modalities":
+            def names(specs: list[dict[str, Any]]) -> str:
+                return ", ".join(spec["name"] for spec in specs)
+            detail = (f"modalities {names(old[key])}, now {names(new[key])}" if names(old[key]) != names(new[key])
+                      else "other intensity settings for its modalities (dataset.json, or MR volumes that "
+                           "set the MR reference range)")
+            raise UsageError(f"--resume: this run was started with {detail}; resume on the run's data", path)
+        if key == "data_digest":
+            raise UsageError("--resume: the training data differ from this run's (the same number of slices, "
+                             "other images or labels); resume on the run's data", path)
+        what = "slices in the data" if key == "slices" else key
+        raise UsageError(f"--resume: this run was started with {what} = {old.get(key)!r}, now "
+                         f"{new.get(key)!r}; pass the run's original options", path)
 
 
 # ----------------------------------------------------------------------------- logging and samples
@@ -454,6 +468,11 @@ def train(
         raise UsageError(str(error)) from None
     resume_from = _check_run_dir(out, resume, overwrite)
     data_dir = open_data_dir(data)
+    for name in data_dir.spec.modality_names:
+        if not data_dir.cases("train", name):
+            raise TarganError(f"modality {name} has no training volumes: TarGAN learns every modality it "
+                              f"translates from its own images; add volumes to train/{name}/images or "
+                              f"remove {name} from dataset.json", data_dir.root / "train" / name)
     model_config = model_preset(preset, num_modalities=len(data_dir.spec.modalities),
                                 **({} if image_size is None else {"image_size": image_size}))
     processes = _Processes.from_env()
@@ -509,7 +528,8 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
     report = progress if main else None
     slices, held_out = _load_data(data_dir, model_config.image_size, processes, report)
     settings = {"preset": preset, "model": model_config.to_dict(), "train": train_config.to_dict(),
-                "batch_size": batch_size, "seed": seed, "world_size": processes.world_size, "slices": len(slices)}
+                "batch_size": batch_size, "seed": seed, "world_size": processes.world_size, "slices": len(slices),
+                "modalities": [m.to_dict() for m in slices.modalities], "data_digest": slices.digest()}
     checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
     if checkpoint is not None:
         _check_resume_settings(checkpoint["settings"], settings, resume_from)

@@ -117,3 +117,20 @@ except BaseException as error:  # typer.Exit is a click exception, not SystemExi
     assert result.returncode == code, result.stderr
     assert result.stderr.strip() == f"error: terminated by {name}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_running_out_of_memory_is_one_line(capsys):
+    """numpy's MemoryError for a huge allocation ends the command with one line, not a traceback."""
+    from targan_cli.cli import handles_errors
+
+    @handles_errors
+    def command():
+        import numpy as np
+        return np.ones((1 << 40,), dtype=np.float64)  # 8 TiB: refused at once
+
+    import typer
+    with pytest.raises(typer.Exit) as caught:
+        command()
+    assert caught.value.exit_code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: out of memory (") and "--batch-size" in lines[0]

@@ -366,6 +366,12 @@ def test_fid_feature_and_output_problems_are_found_before_any_work(setup: dict[s
     refused = runner.invoke(app, [*common, "--fid-features", str(setup["features"]), "--json", str(existing)])
     assert refused.exit_code == 1 and "already exists; pass --overwrite" in refused.stderr
     assert existing.read_text() == "{}"
+    fixed = tmp_path / "fixed.pt2"  # exported for batches of 2 only
+    torch.export.save(torch.export.export(PooledFeatures(), (torch.zeros(2, 1, SIZE, SIZE),)), str(fixed))
+    static = runner.invoke(app, [*common, "--fid-features", str(fixed)])
+    assert static.exit_code == 1 and len(static.stderr.strip().splitlines()) == 1
+    assert "fixed.pt2: the FID feature module fails on a (3, 1," in static.stderr and "dynamic batch" in static.stderr
+    fixed.unlink()
     features = ["--fid-features", str(setup["features"])]
     same = runner.invoke(app, [*common, *features, "--json", str(tmp_path / "t"), "--csv", str(tmp_path / "." / "t")])
     assert same.exit_code == 2 and "--json and --csv name the same file" in same.stderr

@@ -257,7 +257,7 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
 
 
 @pytest.mark.parametrize("option", [dict(size=8), dict(slices=3), dict(cases=0), dict(seed=-1),
-                                    dict(test_cases=-1), dict(size=40.5)])
+                                    dict(test_cases=-1), dict(size=40.5), dict(size=100_000), dict(slices=5000)])
 def test_bad_options_are_usage_errors(tmp_path, option):
     with pytest.raises(UsageError):
         write_phantom_dataset(tmp_path / "data", **option)

@@ -197,10 +197,12 @@ def test_a_modality_without_training_volumes_is_refused(data, tmp_path):
     ({"lambda_gp": -1.0}, "lambda_gp"),
     ({"precision": "bf16"}, "GPU"),
     ({"preset": "huge"}, "unknown preset"),
+    ({"image_size": 30}, "image_size 30 is not divisible by 32"),
 ])
 def test_bad_options_are_one_line_errors(data, tmp_path, options, message):
-    with pytest.raises(TarganError, match=message):
+    with pytest.raises(TarganError, match=message) as caught:
         train(data, tmp_path / "run", **{**TINY, **options})
+    assert caught.value.exit_code == 2  # a bad option
 
 
 def test_epoch_batches_cover_the_data_and_shard_it_evenly():

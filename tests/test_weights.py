@@ -185,6 +185,25 @@ def test_an_uncached_repo_offline_says_how_to_get_weights(hub_cache: Path) -> No
     assert "\n" not in message
 
 
+def test_without_dns_the_cache_is_read_at_once(weights_folder: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """HF_HUB_OFFLINE unset, but the Hub's name does not resolve (.invalid never does): cached
+    weights load, an uncached repo is the one-line error, and huggingface_hub's retries (a warning
+    per attempt, about half a minute) never start."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache_hub_repo(cache, REPO, weights_folder, commit=COMMIT)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.targan-test.invalid")
+    assert load_weights(REPO).config.provenance["hub_commit"] == COMMIT
+    with pytest.raises(TarganError, match="neither in the local Hugging Face cache nor reachable"):
+        load_weights("someone/not-cached")
+    assert not [record for record in caplog.records if "Retry" in record.getMessage()]
+
+
 def test_an_uncached_commit_of_a_cached_repo_is_refused(hub_cache: Path) -> None:
     with pytest.raises(TarganError, match="targan train"):
         load_weights(f"{REPO}@{'f' * 40}")

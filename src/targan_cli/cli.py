@@ -72,8 +72,9 @@ def _termination_raises() -> Iterator[None]:
 
 def handles_errors(function: Callable) -> Callable:
     """Set up the process for fast CPU math, then run the command; turn TarganError into one line
-    on stderr and its exit code, Ctrl-C into exit code 130, SIGTERM and SIGHUP into 128 + the
-    signal's number, each after the command's temporary outputs are removed."""
+    on stderr and its exit code, running out of memory into one line and exit code 1, Ctrl-C into
+    exit code 130, SIGTERM and SIGHUP into 128 + the signal's number, each after the command's
+    temporary outputs are removed."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -90,6 +91,11 @@ def handles_errors(function: Callable) -> Callable:
         except TarganError as error:
             print_error(str(error))
             raise typer.Exit(error.exit_code) from None
+        except MemoryError as error:
+            detail = f" ({error})" if str(error) else ""
+            print_error(f"out of memory{detail}; use smaller inputs, a smaller --batch-size or a machine "
+                        "with more memory")
+            raise typer.Exit(1) from None
         except Terminated as stop:
             print_error(f"terminated by {signal.Signals(stop.signum).name}")
             raise typer.Exit(128 + stop.signum) from None

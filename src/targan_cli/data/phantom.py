@@ -524,6 +524,9 @@ def _rng(seed: int, case_index: int, purpose: int, *modalities: int) -> np.rando
     return np.random.default_rng([seed, case_index, purpose, *modalities])
 
 
+MAX_SIZE, MAX_SLICES = 1024, 2048  # a 1024 x 1024 x 2048 CT is 4 GiB of int16 already
+
+
 def _check_options(cases: int, size: int, slices: int | None, seed: int, test_cases: int) -> None:
     for name, value, minimum in (("--cases", cases, 1), ("--size", size, 16), ("--seed", seed, 0),
                                  ("--test-cases", test_cases, 0), ("--slices", slices, 4)):
@@ -531,6 +534,9 @@ def _check_options(cases: int, size: int, slices: int | None, seed: int, test_ca
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise UsageError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+    for name, value, maximum in (("--size", size, MAX_SIZE), ("--slices", slices, MAX_SLICES)):
+        if value is not None and value > maximum:
+            raise UsageError(f"{name} must be at most {maximum}, got {value}")
 
 
 def write_phantom_dataset(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import urllib.parse
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -82,13 +84,30 @@ def _split_revision(source: str, revision: str | None) -> tuple[str, str | None]
     return source, revision
 
 
+def _hub_host_resolves() -> bool:
+    """Whether the Hub's host name resolves. Without DNS (no network, an air-gapped cluster node)
+    huggingface_hub would retry for about half a minute, printing a warning per attempt, before
+    falling back to the cache; the cache alone is read at once instead."""
+    from huggingface_hub import constants
+
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
 def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
-    """Fetch config.json and model.safetensors of a Hub repo; returns the snapshot folder and commit."""
-    from huggingface_hub import hf_hub_download
+    """Fetch config.json and model.safetensors of a Hub repo (from the cache alone when the Hub
+    cannot be resolved); returns the snapshot folder and commit."""
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    cache_only = constants.HF_HUB_OFFLINE or not _hub_host_resolves()
     try:
-        paths = [Path(hf_hub_download(repo_id, name, revision=revision)) for name in (CONFIG_FILE, WEIGHTS_FILE)]
+        paths = [Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=cache_only))
+                 for name in (CONFIG_FILE, WEIGHTS_FILE)]
     except LocalEntryNotFoundError:
         raise TarganError(
             f"weights {repo_id!r} are neither in the local Hugging Face cache nor reachable "

@@ -424,12 +424,12 @@ def _load_segmenters(folder: str | Path | None, targets: Sequence[str], data: Da
     return segmenters
 
 
-def _fid_features(fid_features: str | Path | None, inception_weights: str | Path | None) -> tuple[nn.Module, str]:
-    """The FID feature module and a description of it for the outputs."""
+def _fid_features(fid_features: str | Path | None, inception_weights: str | Path | None,
+                  image_size: int) -> tuple[nn.Module, str]:
+    """The FID feature module (a file is tried on slices of ``image_size`` now, so that a module
+    that does not fit is an error naming it) and a description of it for the outputs."""
     if fid_features is not None:
-        if inception_weights is not None:
-            raise UsageError("pass either --fid-features or --inception-weights, not both")
-        return (load_feature_module(fid_features),
+        return (load_feature_module(fid_features, (image_size, image_size)),
                 f"{feature_module_kind(fid_features)}:{Path(fid_features).resolve()}")
     module = inception_features(inception_weights)
     return module, f"inception-v3:{inception_weights or 'torch hub cache'}"
@@ -582,12 +582,14 @@ def evaluate(
             raise UsageError(f"{', '.join(metrics)} need --data DATA (a dataset with a {split} split)")
         dataset = open_data_dir(data)
         torch_device = pick_device(device)
-        features, features_description = (_fid_features(fid_features, inception_weights)
-                                          if "fid" in metrics else (None, None))
+        if "fid" in metrics and fid_features is not None and inception_weights is not None:
+            raise UsageError("pass either --fid-features or --inception-weights, not both")
         sources = list(weights) or [os.environ.get(WEIGHTS_ENV) or DEFAULT_REPO]
         if len(set(sources)) != len(sources):
             raise UsageError(f"pass each --weights once, got {', '.join(sources)}")
         models = [generator_model(load_weights(source, None, torch_device), source, batch_size) for source in sources]
+        features, features_description = (_fid_features(fid_features, inception_weights, models[0].image_size)
+                                          if "fid" in metrics else (None, None))
         result = evaluate_models(dataset, models, metrics, split=split, segmenters=segmenters,
                                  fid_features=features, device=torch_device, batch_size=batch_size,
                                  settings={"fid_features": features_description},

@@ -473,8 +473,11 @@ def train(
             raise TarganError(f"modality {name} has no training volumes: TarGAN learns every modality it "
                               f"translates from its own images; add volumes to train/{name}/images or "
                               f"remove {name} from dataset.json", data_dir.root / "train" / name)
-    model_config = model_preset(preset, num_modalities=len(data_dir.spec.modalities),
-                                **({} if image_size is None else {"image_size": image_size}))
+    try:  # --preset and --image-size are options: a bad one is a usage error (exit code 2)
+        model_config = model_preset(preset, num_modalities=len(data_dir.spec.modalities),
+                                    **({} if image_size is None else {"image_size": image_size}))
+    except TarganError as error:
+        raise UsageError(error.message) from None
     processes = _Processes.from_env()
     torch_device, owns_group = _start_processes(processes, device)
     try:

@@ -160,6 +160,10 @@ def test_segment_cli_writes_a_uint8_mask_on_the_input_grid(data: Path, t1w_segme
 
     again = runner.invoke(app, ["segment", str(image), "-o", str(output), "--segmenter", str(t1w_segmenter)])
     assert again.exit_code == 1 and "already exists" in again.stderr
+    before = image.read_bytes()
+    itself = runner.invoke(app, ["segment", str(image), "-o", str(image), "--segmenter", str(t1w_segmenter),
+                                 "--overwrite"])
+    assert itself.exit_code == 1 and "is also an input" in itself.stderr and image.read_bytes() == before
 
 
 def test_segment_cli_errors_are_one_line(data: Path, t1w_segmenter: Path, tmp_path: Path) -> None:

@@ -166,7 +166,8 @@ def translate(
     preview: Annotated[Optional[Path], typer.Option(
         "--preview", help="Also write a PNG of 4 slices, input beside output (single volumes).")] = None,
     num_parts: Annotated[int, typer.Option("--num-parts", help="Split a folder input into this many parts.")] = 1,
-    part_id: Annotated[int, typer.Option("--part-id", help="The part to run: the sorted files \\[part_id::num_parts].")] = 0,
+    part_id: Annotated[int, typer.Option(
+        "--part-id", help="The part to run: the sorted files \\[part_id::num_parts].")] = 0,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Translate whole volumes into another modality; the output keeps the input's geometry."""

@@ -22,9 +22,9 @@ from targan_cli.errors import TarganError
 
 def _same_file(a: Path, b: Path) -> bool:
     try:
-        return os.path.samefile(a, b)  # hard links and symbolic links too
+        return os.path.samefile(a, b)  # the same name, a hard link or a symbolic link
     except OSError:  # one does not exist
-        return a.resolve() == b.resolve()
+        return False
 
 
 def check_writable(path: str | Path, overwrite: bool, inputs: Iterable[str | Path] = (),
@@ -32,12 +32,14 @@ def check_writable(path: str | Path, overwrite: bool, inputs: Iterable[str | Pat
     """Refuse, before any work, an output that is one of the command's ``inputs`` (``overwrite``
     replaces outputs, never what is being read), an existing output without ``overwrite``, a
     folder where a file is to be written (unless ``is_dir``) and an output that cannot be written
-    (the nearest existing folder above it is a file or not writable). Creates nothing: ``atomic_output`` creates the missing folders when it writes, so a
-    command that fails before then leaves no empty folder behind."""
+    (the nearest existing folder above it is a file or not writable). Creates nothing:
+    ``atomic_output`` creates the missing folders when it writes, so a command that fails before
+    then leaves no empty folder behind."""
     path = Path(path)
-    for source in inputs:
-        if _same_file(path, Path(source)):
-            raise TarganError(f"is also an input ({source}): write the output under another name", path)
+    if path.exists():  # an input exists: an output that does not cannot be one
+        for source in inputs:
+            if _same_file(path, Path(source)):
+                raise TarganError(f"is also an input ({source}): write the output under another name", path)
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise TarganError("already exists; pass --overwrite to replace it", path)
     if not is_dir and path.is_dir():

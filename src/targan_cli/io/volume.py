@@ -446,10 +446,9 @@ def write_volume(path: str | Path, volume: Volume, *, label: bool = False, overw
         image_class = nib.Nifti2Image if isinstance(source, nib.Nifti2Header) else nib.Nifti1Image
         image = image_class(array, None, source.copy())
     else:  # a DICOM series (scanner coordinates), or a header that no longer fits the affine
-        header = nib.Nifti1Header()
-        if source is not None:
-            header = nib.Nifti1Header.from_header(source)
-        else:
+        with _nibabel_quiet():  # a NIfTI-2 header's size is "fixed" for NIfTI-1, and logged
+            header = nib.Nifti1Header.from_header(source) if source is not None else nib.Nifti1Header()
+        if source is None:
             header.set_xyzt_units("mm", "sec")
         image = nib.Nifti1Image(array, volume.affine, header)
         image.header.set_qform(volume.affine, code=1)

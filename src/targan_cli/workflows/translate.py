@@ -22,8 +22,8 @@ from targan_cli.core.intensity import denormalize, guess_kind, normalize
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import check_writable
 from targan_cli.io.montage import save_montage
-from targan_cli.io.volume import (Volume, canonical_depth, check_nifti_output, case_id, from_slices, is_volume_path,
-                                  list_volumes, read_volume, slice_frame, to_slices, write_volume)
+from targan_cli.io.volume import (Volume, canonical_depth, case_id, check_nifti_output, from_slices,
+                                  is_volume_path, list_volumes, read_volume, slice_frame, to_slices, write_volume)
 from targan_cli.io.weights import Weights, load_weights
 
 OUTPUT_SUFFIX = ".nii.gz"

@@ -164,7 +164,7 @@ def test_resume_refuses_other_data_but_follows_the_data_when_it_moves(data, tmp_
         train(swapped, run, resume=True, epochs=1, max_steps=2, **TINY)
     ct = lambda spec: next(m for m in spec["modalities"] if m["name"] == "ct")  # noqa: E731
     wider = variant("wider", lambda c: edit_spec(c, lambda s: ct(s)["intensity"].update(window_width=2000.0)))
-    with pytest.raises(UsageError, match="other intensity settings for its modalities"):
+    with pytest.raises(UsageError, match="started with ct intensity window_width = 400.0, now 2000.0"):
         train(wider, run, resume=True, epochs=1, max_steps=2, **TINY)
 
     def replace_a_ct_volume(copy):

@@ -510,6 +510,7 @@ def test_cli_usage_errors_are_one_line(tmp_path: Path, weights: Path, ct_canonic
     assert result.exit_code == code
     assert message in _one_line(result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""  # refused before any work: not even an empty progress bar
     assert "Traceback" not in result.output
     assert not (tmp_path / "out.nii.gz").exists()
 

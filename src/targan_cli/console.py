@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
@@ -36,18 +36,28 @@ def print_warning(message: str) -> None:
 def progress_bar(description: str, total: int | None, unit: str = "") -> Iterator[Callable[..., None]]:
     """A Rich progress bar; yields ``advance(n=1, **fields)`` for library callbacks.
 
-    Keyword fields (e.g. ``status="loss 0.31"``) replace the text shown after the bar.
+    Keyword fields (e.g. ``status="loss 0.31"``) replace the text shown after the bar. The bar
+    appears at the first call, so that a command refusing its input before any work prints its
+    one-line error alone, without an empty bar before it.
     """
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"),
                TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(description, total=total, status="")
+    progress = Progress(*columns, console=console, transient=False)
+    task: TaskID | None = None
 
-        def advance(n: int = 1, **fields: Any) -> None:
-            progress.update(task, advance=n, **fields)
+    def advance(n: int = 1, **fields: Any) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task(description, total=total, status="")
+        progress.update(task, advance=n, **fields)
 
+    try:
         yield advance
+    finally:
+        if task is not None:
+            progress.stop()
 
 
 def key_value_table(title: str, rows: Mapping[str, Any]) -> Table:

@@ -250,6 +250,22 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, temporary)
 
 
+def _modalities_change(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
+    """The first difference of two runs' modalities, in words: their names and order, else the
+    first intensity setting that differs (from dataset.json, or MR volumes that set the MR
+    reference range)."""
+    names_old, names_new = ([spec["name"] for spec in specs] for specs in (old, new))
+    if names_old != names_new:
+        return f"modalities {', '.join(names_old)}, now {', '.join(names_new)}"
+    for before, after in zip(old, new):
+        settings_old, settings_new = before["intensity"], after["intensity"]
+        for field in sorted(set(settings_old) | set(settings_new)):
+            if settings_old.get(field) != settings_new.get(field):
+                return (f"{before['name']} intensity {field} = {settings_old.get(field)!r}, "
+                        f"now {settings_new.get(field)!r}")
+    return "other modalities"
+
+
 def _check_resume_settings(stored: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume with settings that change the model, the losses, the data order or the
     data: the modalities (names, order, intensity settings) and the training slices' content.
@@ -269,12 +285,8 @@ def _check_resume_settings(stored: dict[str, Any], current: dict[str, Any], path
         if key not in old and key in first or old.get(key) == new.get(key):
             continue
         if key == "modalities":
-            def names(specs: list[dict[str, Any]]) -> str:
-                return ", ".join(spec["name"] for spec in specs)
-            detail = (f"modalities {names(old[key])}, now {names(new[key])}" if names(old[key]) != names(new[key])
-                      else "other intensity settings for its modalities (dataset.json, or MR volumes that "
-                           "set the MR reference range)")
-            raise UsageError(f"--resume: this run was started with {detail}; resume on the run's data", path)
+            raise UsageError(f"--resume: this run was started with {_modalities_change(old[key], new[key])}; "
+                             "resume on the run's data", path)
         if key == "data_digest":
             raise UsageError("--resume: the training data differ from this run's (the same number of slices, "
                              "other images or labels); resume on the run's data", path)

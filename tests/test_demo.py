@@ -80,3 +80,8 @@ def test_an_existing_demo_is_kept_without_overwrite(demo, tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(other), "--quick", "--overwrite"])
     assert result.exit_code == 1 and "not a demo folder" in result.stderr
     assert (other / "thesis.tex").read_text() == "precious"
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("precious")
+    result = CliRunner().invoke(app, ["demo", "--out", str(a_file), "--quick", "--overwrite"])
+    assert result.exit_code == 1 and "notes.txt: exists and is not a folder" in result.stderr
+    assert "Traceback" not in result.output and a_file.read_text() == "precious"

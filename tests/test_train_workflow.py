@@ -180,6 +180,16 @@ def test_resume_refuses_other_data_but_follows_the_data_when_it_moves(data, tmp_
     assert train(moved, run, resume=True, epochs=1, max_steps=2, **TINY).resumed_from == 1
 
 
+def test_an_unwritable_run_folder_is_refused_before_any_work(data, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy, ignore=shutil.ignore_patterns(".cache"))
+    (tmp_path / "afile").write_text("a file where a folder should be")
+    with pytest.raises(TarganError, match="is a file: cannot create the output folder under it") as caught:
+        train(copy, tmp_path / "afile" / "run", epochs=1, **TINY)
+    assert caught.value.path == tmp_path / "afile"
+    assert not (copy / ".cache").exists()  # refused before the slices were prepared
+
+
 def test_a_modality_without_training_volumes_is_refused(data, tmp_path):
     copy = tmp_path / "data"
     shutil.copytree(data, copy, ignore=shutil.ignore_patterns(".cache"))

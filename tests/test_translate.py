@@ -302,7 +302,9 @@ def test_a_folder_is_split_into_deterministic_parts(tmp_path: Path, weights: Pat
     written = sorted(p.name for p in (tmp_path / "out").iterdir()) if expected else []
     assert written == [f"{case}.nii.gz" for case in expected]
     depths = {"a": 5, "b": 4, "c": 5}
-    assert totals == [sum(depths[case] for case in expected)] and sum(advanced) == totals[0] == result.slices
+    total = sum(depths[case] for case in expected)
+    assert totals == ([total] if expected else [])  # a part without files reports no total
+    assert sum(advanced) == total == result.slices
     for case in expected:
         assert nib.load(tmp_path / "out" / f"{case}.nii.gz").shape == nib.load(cases / f"{case}.nii.gz").shape
 
@@ -539,6 +541,27 @@ def test_cli_shows_paths_with_square_brackets_as_they_are(tmp_path: Path, weight
     again = CliRunner().invoke(app, ["translate", str(source), "-o", str(output), "--to", "t2w", "--from", "ct",
                                      "--weights", str(weights)])
     assert again.exit_code == 1 and "out[/x][/bold].nii.gz: already exists" in _one_line(again.stderr)
+
+
+def test_cli_lines_are_not_wrapped_in_a_pipe(tmp_path: Path, weights: Path, ct_canonical: np.ndarray) -> None:
+    """A path or a command to copy stays one line in a log file, whatever the width."""
+    source = _ct_file(tmp_path, ct_canonical)
+    output = tmp_path / ("a-rather-long-folder-name-for-the-outputs-of-a-translation-run" * 2) / "case_0001.nii.gz"
+    result = CliRunner().invoke(app, ["translate", str(source), "-o", str(output), "--to", "t2w",
+                                      "--weights", str(weights), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert any(line.startswith(f"Wrote {output} (ct → t2w): 5 slices in ") for line in lines), result.stdout
+    assert any(line.startswith("--from ct was inferred: ") and line.endswith("pass --from to choose") for line in lines)
+
+
+def test_cli_a_part_without_files_says_so(tmp_path: Path, weights: Path, ct_canonical: np.ndarray) -> None:
+    cases = _case_folder(tmp_path / "cases", ct_canonical)
+    result = CliRunner().invoke(app, ["translate", str(cases), "-o", str(tmp_path / "out"), "--from", "ct", "--to",
+                                      "t2w", "--weights", str(weights), "--num-parts", "5", "--part-id", "4"])
+    assert result.exit_code == 0, result.output
+    assert _one_line(result.stdout) == f"Part 4 of 5 holds none of the files of {cases}: nothing to translate"
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_offline_without_cached_weights_says_what_to_do(tmp_path: Path, ct_canonical: np.ndarray,

@@ -182,6 +182,9 @@ def translate(
             precision=precision, batch_size=batch_size, preview=preview, num_parts=num_parts,
             part_id=part_id, overwrite=overwrite, progress=advance,
             total_callback=lambda total: advance(0, total=total))
+    if not result.outputs:
+        console.print(f"Part {part_id} of {num_parts} holds none of the files of {strong(input)}: nothing to translate")
+        return
     written = str(result.outputs[0]) if len(result.outputs) == 1 else f"{len(result.outputs)} volumes to {output}"
     sources = ", ".join(dict.fromkeys(choice.name for choice in result.sources))
     console.print(f"Wrote {strong(written)} ({escape(sources)} → {escape(result.target)}): {result.slices} slices "

@@ -13,7 +13,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
-console = Console()
+# Printed lines are never hard-wrapped (soft_wrap): a path or a command to copy stays one line in
+# a pipe, a log file or a narrow terminal. Progress stays on stdout: stderr holds the one-line
+# error alone, which scripts and the guarantees rely on.
+console = Console(soft_wrap=True)
 error_console = Console(stderr=True)
 
 

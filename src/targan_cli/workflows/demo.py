@@ -228,6 +228,8 @@ def run_demo(out: str | Path = "targan-demo", *, device: str = "auto", quick: bo
     """Run the demo into ``out`` (refused when it exists, unless ``overwrite``)."""
     settings = QUICK if quick else FULL
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TarganError("exists and is not a folder; pick another --out", out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise TarganError("already exists; pass --overwrite to replace it", out)

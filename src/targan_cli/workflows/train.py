@@ -44,7 +44,7 @@ from targan_cli.core.device import check_precision, pick_device
 from targan_cli.core.training import TarGAN, Trainer, TrainConfig, derived_generator
 from targan_cli.data.dataset import DataDir, SliceDataset, SliceSet, load_slices, open_data_dir
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import atomic_output
+from targan_cli.io.atomic import atomic_output, check_writable
 from targan_cli.io.montage import save_montage
 from targan_cli.io.weights import save_weights
 
@@ -168,10 +168,12 @@ def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
     if resume:
         if not last.is_file():
             raise TarganError("nothing to resume: no checkpoint here (start a new run without --resume)", last)
+        check_writable(last, overwrite=True)
         return last
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise TarganError("the run folder is not empty; pass --resume to continue its run or --overwrite "
                           "to start over", out)
+    check_writable(out / CHECKPOINTS, overwrite=True, is_dir=True)  # the run folder, or where it will be
     return None
 
 

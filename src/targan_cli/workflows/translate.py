@@ -240,7 +240,7 @@ def translate(
     first = read_volume(inputs[0]) if len(inputs) == 1 else None
     total = (slice_frame(first.shape, first.affine).canonical_shape[0] if first is not None
              else sum(canonical_depth(path) for path in inputs))
-    if total_callback is not None:
+    if total_callback is not None and inputs:  # a part without files shows no (empty) progress
         total_callback(total)
     written_preview = None
     sources: list[SourceChoice] = []

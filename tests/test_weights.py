@@ -204,6 +204,18 @@ def test_without_dns_the_cache_is_read_at_once(weights_folder: Path, tmp_path: P
     assert not [record for record in caplog.records if "Retry" in record.getMessage()]
 
 
+def test_an_empty_revision_and_a_bad_environment_variable_are_named(hub_cache: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(TarganError, match="org/name@ names no revision") as caught:
+        load_weights("org/name@")
+    assert caught.value.exit_code == 2
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "nope"))
+    with pytest.raises(TarganError, match=r"no such weights folder or file .* \(from \$TARGAN_WEIGHTS; pass "
+                                          r"--weights or change the variable\)") as caught:
+        load_weights()
+    assert caught.value.path == tmp_path / "nope"
+
+
 def test_an_uncached_commit_of_a_cached_repo_is_refused(hub_cache: Path) -> None:
     with pytest.raises(TarganError, match="targan train"):
         load_weights(f"{REPO}@{'f' * 40}")

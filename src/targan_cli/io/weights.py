@@ -78,6 +78,9 @@ def read_weights_config(folder: str | Path) -> WeightsConfig:
 def _split_revision(source: str, revision: str | None) -> tuple[str, str | None]:
     if "@" in source:
         source, at_revision = source.split("@", 1)
+        if not at_revision:
+            raise TarganError(f"{source}@ names no revision: add a branch, tag or commit after @, or drop the @",
+                              exit_code=2)
         if revision is not None and revision != at_revision:
             raise TarganError(f"two revisions given: @{at_revision} and --revision {revision}", exit_code=2)
         revision = at_revision
@@ -129,9 +132,19 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
 
 def resolve_weights(source: str | Path | None = None, revision: str | None = None) -> tuple[Path, dict]:
     """A weights source -> (local folder, provenance additions). See the module docstring."""
+    from_environment = source is None and bool(os.environ.get(WEIGHTS_ENV))
     if source is None:
         source = os.environ.get(WEIGHTS_ENV) or DEFAULT_REPO
-    text = str(source)
+    try:
+        return _resolve(str(source), revision)
+    except TarganError as error:
+        if not from_environment:
+            raise
+        raise TarganError(f"{error.message} (from ${WEIGHTS_ENV}; pass --weights or change the variable)",
+                          error.path, error.exit_code) from None
+
+
+def _resolve(text: str, revision: str | None) -> tuple[Path, dict]:
     path = Path(text).expanduser()
     if path.exists():
         if revision is not None:

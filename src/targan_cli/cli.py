@@ -6,12 +6,10 @@ Heavy imports (torch and everything that needs it) happen inside the command bod
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -54,20 +52,8 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
-@contextlib.contextmanager
-def _termination_raises() -> Iterator[None]:
-    """While the command runs, SIGTERM and SIGHUP raise ``Terminated`` (main thread only: Python
-    runs signal handlers there); the previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signums = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
-    previous = {signum: signal.signal(signum, _raise_terminated) for signum in signums}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+# While a command runs, these raise ``Terminated`` (SIGHUP does not exist on Windows).
+TERMINATION_SIGNALS = (signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
 
 
 def handles_errors(function: Callable) -> Callable:
@@ -83,10 +69,11 @@ def handles_errors(function: Callable) -> Callable:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from targan_cli.console import print_error
         from targan_cli.core.device import configure_process
+        from targan_cli.process import handling_signals
 
         configure_process()  # before torch starts its threads
         try:
-            with _termination_raises():
+            with handling_signals(TERMINATION_SIGNALS, _raise_terminated):
                 return function(*args, **kwargs)
         except TarganError as error:
             print_error(str(error))

@@ -8,10 +8,7 @@ names it and says what to put where.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,6 +16,7 @@ from torch import nn
 
 from targan_cli.core.metrics import feature_dimension, first_line
 from targan_cli.errors import TarganError
+from targan_cli.process import quiet_logger
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 """torch-fidelity's Inception-v3 FID weights (converted from the TensorFlow FID graph)."""
@@ -26,17 +24,6 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 EXPORTED_SUFFIX = ".pt2"
 """Feature files with this suffix are torch.export programs; any other is read as TorchScript."""
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str) -> Iterator[None]:
-    """Silence a logger for the block: torch.export.load logs a whole traceback before raising."""
-    logger = logging.getLogger(name)
-    disabled, logger.disabled = logger.disabled, True
-    try:
-        yield
-    finally:
-        logger.disabled = disabled
 
 
 class _ExportedFeatures(nn.Module):
@@ -57,7 +44,7 @@ class _ExportedFeatures(nn.Module):
 
 def _load_exported(path: Path) -> nn.Module:
     try:
-        with _quiet_logger("torch.export"):
+        with quiet_logger("torch.export"):  # it logs a whole traceback before raising
             program = torch.export.load(str(path))
         return _ExportedFeatures(program.module())
     except Exception as error:  # noqa: BLE001 - torch.export.load raises many kinds for a bad archive

@@ -7,9 +7,8 @@ voxel order into the one orientation the model sees, ``from_slices`` turns model
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from pydicom.errors import InvalidDicomError
 
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import atomic_output
+from targan_cli.process import quiet_logger
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DICOM_SUFFIX = ".dcm"
@@ -33,6 +33,10 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _MAX_DEFLATE_RATIO = 1032
 _INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# nibabel logs the header fixes it makes on load ("pixdim[1,2,3] should be non-zero; setting 0
+# dims to 1") to stderr. (Its own LoggingOutputSuppressor removes the handler, and Python's
+# last-resort handler prints anyway: the logger is disabled instead.)
+_NIBABEL_LOGGER = nib.imageglobals.logger.name
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,7 +184,7 @@ def _read_nifti(path: Path) -> Volume:
     if size == 0:
         raise TarganError("empty file (0 bytes)", path)
     try:  # nibabel, gzip and zlib raise many exception types for a damaged header
-        with _nibabel_quiet():
+        with quiet_logger(_NIBABEL_LOGGER):
             image = nib.load(path)
     except Exception as error:
         raise TarganError(f"not a readable NIfTI file ({_reason(error)})", path) from None
@@ -220,20 +224,6 @@ def _read_nifti(path: Path) -> Volume:
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise TarganError(f"has no usable orientation (affine {np.round(affine, 3).tolist()})", path)
     return Volume(array, affine, header.copy(), None, path)
-
-
-@contextlib.contextmanager
-def _nibabel_quiet() -> Iterator[None]:
-    """Silence nibabel's log of the header fixes it makes on load ("pixdim[1,2,3] should be
-    non-zero; setting 0 dims to 1"): lines on stderr that no one asked for. (nibabel's own
-    LoggingOutputSuppressor removes the handler, and Python's last-resort handler prints anyway.)"""
-    logger = nib.imageglobals.logger
-    disabled = logger.disabled
-    logger.disabled = True
-    try:
-        yield
-    finally:
-        logger.disabled = disabled
 
 
 def _check_declared_size(path: Path, header: nib.Nifti1Header, shape: tuple[int, ...], size: int) -> None:
@@ -446,7 +436,7 @@ def write_volume(path: str | Path, volume: Volume, *, label: bool = False, overw
         image_class = nib.Nifti2Image if isinstance(source, nib.Nifti2Header) else nib.Nifti1Image
         image = image_class(array, None, source.copy())
     else:  # a DICOM series (scanner coordinates), or a header that no longer fits the affine
-        with _nibabel_quiet():  # a NIfTI-2 header's size is "fixed" for NIfTI-1, and logged
+        with quiet_logger(_NIBABEL_LOGGER):  # a NIfTI-2 header's size is "fixed" for NIfTI-1, and logged
             header = nib.Nifti1Header.from_header(source) if source is not None else nib.Nifti1Header()
         if source is None:
             header.set_xyzt_units("mm", "sec")
@@ -552,7 +542,7 @@ def canonical_depth(path: str | Path) -> int:
     path = Path(path)
     if _nifti_suffix(path) is not None:
         try:
-            with _nibabel_quiet():
+            with quiet_logger(_NIBABEL_LOGGER):
                 image = nib.load(path)
             if len(image.shape) == 3 or (len(image.shape) == 4 and image.shape[3] == 1):
                 return slice_frame(image.shape, image.affine, path).canonical_shape[0]

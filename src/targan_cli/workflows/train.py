@@ -27,9 +27,8 @@ import os
 import random
 import shutil
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +46,7 @@ from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import atomic_output, check_writable
 from targan_cli.io.montage import save_montage
 from targan_cli.io.weights import save_weights
+from targan_cli.process import handling_signals
 
 CHECKPOINTS, LAST_CHECKPOINT, EXPORT, SAMPLES = "checkpoints", "last.pt", "export", "samples"
 METRICS, TENSORBOARD = "metrics.jsonl", "tensorboard"
@@ -397,7 +397,6 @@ class _StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: dict[int, Any] = {}
 
     def request(self) -> None:
         self.requested = True
@@ -407,16 +406,8 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = True
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_StopRequest]:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        try:
-            yield self
-        finally:
-            for signum, handler in self._previous.items():
-                signal.signal(signum, handler)
+    def installed(self) -> contextlib.AbstractContextManager[None]:
+        return handling_signals((signal.SIGINT, signal.SIGTERM), self._handle)
 
     def agreed(self, processes: _Processes, device: torch.device) -> bool:
         """Whether any rank was asked to stop (all ranks must stop at the same step)."""

@@ -29,7 +29,8 @@ from targan_cli.config import DatasetSpec, default_modalities
 from targan_cli.data.dataset import DATASET_JSON, IMAGES, LABELS
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import atomic_output, check_replaceable_folder
-from targan_cli.io.volume import read_dicom_series, write_volume
+from targan_cli.io.dicom import read_dicom_series
+from targan_cli.io.volume import write_volume
 
 CHAOS_NAME = "chaos2019"
 CHAOS_DESCRIPTION = (

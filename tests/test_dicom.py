@@ -1,16 +1,27 @@
-"""DICOM series reading: slice order, geometry, rescale, and the refusals of bad series."""
+"""DICOM series reading: files found by content, series picked, compressed syntaxes decoded,
+geometry equal to SimpleITK's series reader, and the refusals of bad series and bad tag values."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
+from dicom_factories import scanner_series
+from PIL import Image
+from pydicom.encaps import encapsulate
+from pydicom.fileset import FileSet
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, MPEG2MPML,
+                         RLELossless)
 from volume_factories import anatomy, canonical_affine, oriented, write_dicom_series, write_nifti
 
-from targan_cli.errors import TarganError
-from targan_cli.io.dicom import read_dicom_series
+from targan_cli.errors import TarganError, UsageError
+from targan_cli.io.dicom import MAX_SLICE_SIDE, read_dicom, read_dicom_series
 from targan_cli.io.volume import from_slices, is_volume_path, read_volume, to_slices, write_volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -103,7 +114,7 @@ def test_single_dicom_file_asks_for_the_folder(tmp_path: Path) -> None:
 
 def test_folder_without_dicom_files_is_refused(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(TarganError, match=r"no DICOM \(\.dcm\) files"):
+    with pytest.raises(TarganError, match=r"no DICOM image files in this folder \(1 other file\(s\)\)"):
         read_volume(tmp_path)
     write_dicom_series(tmp_path / "InPhase", anatomy((2, 4, 3)))
     write_dicom_series(tmp_path / "OutPhase", anatomy((2, 4, 3)))
@@ -145,8 +156,8 @@ def test_two_series_told_apart_only_by_their_uid_are_refused(tmp_path: Path) -> 
     for file in write_dicom_series(tmp_path / "b", anatomy((3, 4, 3)), origin_lps=(-30.0, -40.0, -42.5),
                                    series_uid="1.2.3.2"):
         file.rename(folder / f"B{file.name}")
-    with pytest.raises(TarganError, match=r"holds 2 series by SeriesInstanceUID: 3 file\(s\) of 1\.2\.3\.\d "
-                                          r"and 3 file\(s\) of 1\.2\.3\.\d; put each series") as error:
+    with pytest.raises(TarganError, match=r"holds 2 series: 1\.2\.3\.1 \(no description, CT, 3 slice\(s\)\); "
+                                          r"1\.2\.3\.2 \(no description, CT, 3 slice\(s\)\)\. Pick one with --series") as error:
         read_volume(folder)
     assert error.value.path == folder
     write_dicom_series(tmp_path / "one", anatomy((3, 4, 3)), series_uid="1.2.3.1")
@@ -168,13 +179,16 @@ def test_broken_dicom_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(TarganError, match="lacks ImagePositionPatient") as error:
         read_volume(tmp_path / "ct")
     assert error.value.path == files[1]
-    files[1].write_bytes(b"not dicom at all")
-    with pytest.raises(TarganError, match="not a DICOM file"):
-        read_volume(tmp_path / "ct")
     files[1].write_bytes(files[0].read_bytes()[:400])  # cut inside the header
-    with pytest.raises(TarganError) as error:
+    with pytest.raises(TarganError, match="lacks .*PixelData") as error:
         read_volume(tmp_path / "ct")
     assert error.value.path == files[1]
+    files[1].write_bytes(b"not dicom at all")  # not DICOM by its content: skipped, whatever its name
+    series = read_dicom(tmp_path / "ct")
+    assert series.volume.shape == (3, 4, 2) and series.skipped == (files[1],)
+    assert series.skipped_note == f"skipped 1 file(s) that are not DICOM images ({files[1].name})"
+    with pytest.raises(TarganError, match="not a DICOM file"):
+        read_dicom_series(files)
 
 
 def test_invalid_orientation_tag_is_named(tmp_path: Path) -> None:
@@ -185,3 +199,193 @@ def test_invalid_orientation_tag_is_named(tmp_path: Path) -> None:
     with pytest.raises(TarganError, match="invalid ImageOrientationPatient") as error:
         read_volume(tmp_path / "ct")
     assert error.value.path == files[0]
+
+
+
+# ----------------------------------------------------------------------------- real exports
+
+
+def _stored_ct(shape: tuple[int, int, int] = (4, 40, 36), seed: int = 3) -> np.ndarray:
+    """CT stored values (Z, Rows, Columns) for RescaleIntercept -1024."""
+    return (anatomy(shape, seed) + 1024).astype(np.uint16)
+
+
+def _clutter(folder: Path) -> list[str]:
+    """The files a real export folder holds beside its images; returns their names."""
+    (folder / "README.txt").write_text("exported by a PACS\n")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "thumb.jpg")
+    (folder / "empty").write_bytes(b"")
+    return ["README.txt", "empty", "thumb.jpg"]
+
+
+@pytest.mark.parametrize(("names", "preamble"), [("uid", True), ("ima", True), ("none", True), ("dcm", True),
+                                                 ("uid", False), ("none", False)])
+def test_files_are_dicom_by_content_whatever_their_name(tmp_path: Path, names: str, preamble: bool) -> None:
+    stored = _stored_ct()
+    files = scanner_series(tmp_path / "export", stored, names=names, preamble=preamble, intercept=-1024)
+    assert (files[0].read_bytes()[128:132] == b"DICM") == preamble
+    clutter = _clutter(tmp_path / "export")
+    assert is_volume_path(tmp_path / "export")
+    series = read_dicom(tmp_path / "export")
+    assert np.array_equal(series.volume.array, (stored.astype(np.int32) - 1024).transpose(2, 1, 0))
+    assert series.volume.modality == "CT" and list(series.files) == files
+    assert sorted(p.name for p in series.skipped) == clutter
+    assert series.skipped_note == f"skipped 3 file(s) that are not DICOM images ({', '.join(clutter)})"
+
+
+@pytest.mark.parametrize("syntax", [None, JPEGLosslessSV1, JPEG2000Lossless, RLELossless,
+                                    DeflatedExplicitVRLittleEndian])
+def test_geometry_and_voxels_equal_simpleitks_series_reader(tmp_path: Path, syntax: str | None) -> None:
+    """SimpleITK (ITK's GDCM) reads the same files independently: origin, spacing and direction within
+    1e-4 mm, and the same rescaled voxels, for an oblique series in every supported syntax."""
+    angle = np.deg2rad(17)
+    orientation = (np.cos(angle), np.sin(angle), 0.0, 0.0, 0.0, -1.0)  # an oblique coronal series
+    stored = _stored_ct(seed=4)
+    scanner_series(tmp_path / "s", stored, syntax=syntax, intercept=-1024, slope=1, orientation=orientation,
+                   pixel_spacing=(0.77, 0.69), slice_step=3.3, origin_lps=(12.5, -40.25, 88.0))
+    ours = read_dicom(tmp_path / "s").volume
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "s")))
+    image = reader.Execute()
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    affine_lps = np.eye(4)
+    affine_lps[:3, :3] = direction * np.array(image.GetSpacing())
+    affine_lps[:3, 3] = image.GetOrigin()
+    np.testing.assert_allclose(LPS_TO_RAS @ ours.affine, affine_lps, rtol=0, atol=1e-4)
+    assert np.array_equal(ours.array.transpose(2, 1, 0), sitk.GetArrayFromImage(image))  # (Z, Rows, Columns)
+
+
+def _two_series(folder: Path) -> tuple[str, str]:
+    first, second = "1.2.826.0.1.3680043.10.511.1.1", "1.2.826.0.1.3680043.10.511.2.7"
+    scanner_series(folder, _stored_ct((3, 6, 5)), series_uid=first, description="AX T1", intercept=-1024)
+    scanner_series(folder, np.abs(anatomy((5, 6, 5))).astype(np.uint16), series_uid=second, modality="MR",
+                   description="AX T2 SPIR", names="ima")
+    return first, second
+
+
+def test_several_series_are_listed_and_one_is_picked_by_uid_or_prefix(tmp_path: Path) -> None:
+    first, second = _two_series(tmp_path / "study")
+    with pytest.raises(UsageError) as error:
+        read_dicom(tmp_path / "study")
+    assert error.value.message == (
+        f"holds 2 series: {second} (AX T2 SPIR, MR, 5 slice(s)); {first} (AX T1, CT, 3 slice(s)). Pick one with "
+        "--series UID (or a unique prefix of it), or put each series in its own folder")
+    assert error.value.path == tmp_path / "study"
+    assert read_dicom(tmp_path / "study", first).volume.shape == (5, 6, 3)
+    assert read_dicom(tmp_path / "study", "1.2.826.0.1.3680043.10.511.2").volume.modality == "MR"
+    with pytest.raises(UsageError, match=r"--series 1\.2\.826 matches 2 series here; the series are: "):
+        read_dicom(tmp_path / "study", "1.2.826")
+    with pytest.raises(UsageError, match=r"--series 9\.9 matches no series here"):
+        read_dicom(tmp_path / "study", "9.9")
+
+
+def test_a_dicomdir_is_an_input_and_is_skipped_in_a_folder(tmp_path: Path) -> None:
+    first, second = _two_series(tmp_path / "export")
+    file_set = FileSet()
+    for file in sorted((tmp_path / "export").iterdir()):
+        file_set.add(pydicom.dcmread(file))
+    file_set.write(tmp_path / "media")  # DICOMDIR + PT000000/ST000000/SE00000n/IM00000n (no suffix)
+    dicomdir = tmp_path / "media" / "DICOMDIR"
+    with pytest.raises(UsageError, match=f"holds 2 series: {second} .*; {first} "):
+        read_volume(dicomdir)
+    series = read_dicom(dicomdir, second)
+    assert series.volume.source == dicomdir and series.volume.modality == "MR"
+    assert np.array_equal(series.volume.array, read_dicom(tmp_path / "export", second).volume.array)
+    shutil.copy(dicomdir, tmp_path / "export" / "DICOMDIR")
+    assert read_dicom(tmp_path / "export", first).skipped == (tmp_path / "export" / "DICOMDIR",)
+    (tmp_path / "media" / "PT000000" / "ST000000" / "SE000000" / "IM000000").unlink()
+    with pytest.raises(TarganError, match="lists 1 file.* that do not exist"):
+        read_dicom(dicomdir)
+
+
+def test_a_single_dicom_image_file_asks_for_its_folder(tmp_path: Path) -> None:
+    files = scanner_series(tmp_path / "s", _stored_ct((2, 6, 5)), names="none")
+    with pytest.raises(TarganError, match="is a single DICOM file; pass the folder"):
+        read_volume(files[0])
+
+
+# ----------------------------------------------------------------------------- decoders
+
+
+def _undecodable_syntax_series(folder: Path) -> Path:
+    """A series whose pixel data claims MPEG-2 video, which pydicom has no decoder for."""
+    files = scanner_series(folder, _stored_ct((2, 6, 5)))
+    for file in files:
+        dataset = pydicom.dcmread(file)
+        dataset.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(60)])
+        dataset["PixelData"].VR = "OB"
+        dataset.file_meta.TransferSyntaxUID = MPEG2MPML
+        dataset.save_as(file, enforce_file_format=True)
+    return files[0]
+
+
+def test_a_syntax_without_any_decoder_is_named(tmp_path: Path) -> None:
+    _undecodable_syntax_series(tmp_path / "video")
+    with pytest.raises(TarganError, match=r"its pixel data is in MPEG2 .*\(1\.2\.840\.10008\.1\.2\.4\.100\), which "
+                                          r"pydicom cannot decode: convert the series"):
+        read_volume(tmp_path / "video")
+
+
+def test_a_missing_decoder_names_the_packages_that_add_one(tmp_path: Path) -> None:
+    """The JPEG Lossless series read where python-gdcm and pylibjpeg are not installed (their import
+    fails, as it does without them): one line naming the syntax and the packages."""
+    files = scanner_series(tmp_path / "jpeg", _stored_ct(), syntax=JPEGLosslessSV1)
+    code = ("import sys\n"
+            "sys.modules.update(gdcm=None, pylibjpeg=None, libjpeg=None)\n"
+            "from targan_cli.io.volume import read_volume\n"
+            "from targan_cli.errors import TarganError\n"
+            f"try:\n    read_volume({str(tmp_path / 'jpeg')!r})\n"
+            "except TarganError as error:\n    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stderr == ""
+    assert result.stdout.strip() in {
+        f"{file}: its pixel data is in JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 "
+        f"[Selection Value 1]) (1.2.840.10008.1.2.4.70) and no installed decoder reads it; install one of: gdcm - "
+        "requires python-gdcm>=3.0.10; pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1"
+        for file in files}
+
+
+# ----------------------------------------------------------------------------- bad tag values
+
+
+def _rewrite(file: Path, monkeypatch: pytest.MonkeyPatch, **tags: object) -> None:
+    """Write values that break the standard (pydicom refuses them unless told not to)."""
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.IGNORE)
+    dataset = pydicom.dcmread(file)
+    for keyword, value in tags.items():
+        setattr(dataset, keyword, value)
+    dataset.save_as(file, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(("tags", "message"), [
+    ({"ImagePositionPatient": ["nan", "0", "0"]}, "has a ImagePositionPatient that is not a finite number (nan, 0, 0)"),
+    ({"PixelSpacing": ["inf", "0.7"]}, "has a PixelSpacing that is not a finite number (inf, 0.7)"),
+    ({"RescaleSlope": "NaN"}, "has a RescaleSlope that is not a finite number (nan)"),
+    ({"RescaleIntercept": "-inf"}, "has a RescaleIntercept that is not a finite number (-inf)"),
+    ({"ImageOrientationPatient": ["1", "0", "0", "0", "nan", "0"]},
+     "has a ImageOrientationPatient that is not a finite number (1, 0, 0, 0, nan, 0)"),
+    ({"Rows": 65535, "Columns": 65535},
+     f"declares 65535 x 65535 pixels (Rows x Columns); a slice needs 1 to {MAX_SLICE_SIDE} of each"),
+    ({"Rows": 4000, "Columns": 4000}, "declares 4000 x 4000 pixels of 16 bits (32000000 bytes) but its pixel data "
+                                      "holds 60 bytes"),
+])
+def test_bad_tag_values_are_refused_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   tags: dict, message: str) -> None:
+    files = scanner_series(tmp_path / "s", _stored_ct((3, 6, 5)), names="uid", intercept=-1024)
+    _rewrite(files[1], monkeypatch, **tags)
+    with pytest.raises(TarganError) as error:
+        read_volume(tmp_path / "s")
+    assert error.value.path == files[1] and error.value.message.startswith(message)
+
+
+def test_gantry_tilt_is_refused_with_its_angle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = scanner_series(tmp_path / "tilt", _stored_ct((4, 6, 5)), slice_step=2.5)
+    for index, file in enumerate(files):  # each slice 2.5 * tan(15 deg) mm further posterior
+        dataset = pydicom.dcmread(file)
+        x, y, z = (float(v) for v in dataset.ImagePositionPatient)
+        _rewrite(file, monkeypatch, ImagePositionPatient=[f"{x:g}", f"{y + index * 2.5 * np.tan(np.deg2rad(15)):.6f}",
+                                                          f"{z:g}"])
+    with pytest.raises(TarganError, match=rf"gantry tilt of 15\.00 degrees: {files[-1].name} lies 2\.01 mm off the "
+                                          rf"slice normal through {files[0].name}; tilted series are not supported"):
+        read_volume(tmp_path / "tilt")

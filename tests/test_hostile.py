@@ -27,6 +27,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 import typer
@@ -39,7 +40,7 @@ from targan_cli.config import IntensitySettings
 from targan_cli.data.phantom import write_phantom_dataset
 from targan_cli.workflows.segment import SegmenterConfig, build_network, save_segmenter
 from test_chaos import build_chaos_tree
-from volume_factories import anatomy, canonical_affine, oriented, write_dicom_series, write_nifti
+from volume_factories import anatomy, canonical_affine, oriented, write_dicom_series, write_dicom_slice, write_nifti
 from weights_factories import cache_hub_repo, make_tiny_weights, use_offline_hub_cache
 
 runner = CliRunner()
@@ -146,9 +147,29 @@ def _bad_dicom(folder: Path) -> dict[str, Path]:
     for file in other:
         file.rename(series["dicom_mixed_series"] / f"B{file.name}")
     shutil.rmtree(folder / "other")
-    series["dicom_not_dicom"] = folder / "dicom_not_dicom"
-    write_dicom_series(series["dicom_not_dicom"], stored[:3], modality="MR")
-    (series["dicom_not_dicom"] / "IMG0001.dcm").write_bytes(b"not a DICOM file at all\n" * 10)
+    series["dicom_truncated"] = folder / "dicom_truncated"
+    files = write_dicom_series(series["dicom_truncated"], stored[:3], modality="MR")
+    files[1].write_bytes(files[1].read_bytes()[:400])  # cut inside the header
+    for name, tags in (("dicom_nan_position", {"ImagePositionPatient": ["nan", "0", "0"]}),
+                       ("dicom_inf_spacing", {"PixelSpacing": ["inf", "0.7"]}),
+                       ("dicom_nan_slope", {"RescaleSlope": "nan"}),
+                       ("dicom_huge_rows", {"Rows": 65535, "Columns": 65535})):
+        series[name] = folder / name
+        files = write_dicom_series(series[name], stored[:3], modality="MR", series_uid="1.2.3.4")
+        with pydicom.config.disable_value_validation():
+            dataset = pydicom.dcmread(files[1])
+            for keyword, value in tags.items():
+                setattr(dataset, keyword, value)
+            dataset.save_as(files[1], enforce_file_format=True)
+    series["dicom_two_series"] = folder / "dicom_two_series"
+    write_dicom_series(series["dicom_two_series"], stored, modality="MR", series_uid="1.2.3.1")
+    for file in write_dicom_series(folder / "other", stored, modality="MR", series_uid="1.2.3.2"):
+        file.rename(series["dicom_two_series"] / f"B{file.name}")
+    shutil.rmtree(folder / "other")
+    series["dicom_tilted"] = folder / "dicom_tilted"
+    for index, pixels in enumerate(stored):  # each slice 1 mm further posterior: a gantry tilt
+        write_dicom_slice(series["dicom_tilted"] / f"{index}.dcm", pixels, (-30.0, -40.0 + index, -50.0 + 2.5 * index),
+                          modality="MR", series_uid="1.2.3.5")
     return series
 
 
@@ -334,7 +355,8 @@ def snapshot(root: Path) -> dict[str, str]:
 Build = Callable[[Corpus, Path, Path], list[str]]
 VOLUME_NAMES = ("truncated", "corrupt", "text", "zero_bytes", "two_d", "four_d", "nan", "inf", "constant",
                 "singular_affine", "huge_dims")
-DICOM_NAMES = ("dicom_missing_slice", "dicom_mixed_series", "dicom_not_dicom")
+DICOM_NAMES = ("dicom_missing_slice", "dicom_mixed_series", "dicom_truncated", "dicom_nan_position",
+               "dicom_inf_spacing", "dicom_nan_slope", "dicom_huge_rows", "dicom_two_series", "dicom_tilted")
 LABEL_NAMES = ("label_off_grid", "label_shifted", "label_several_values", "label_truncated")
 SEGMENTER_NAMES = ("config_not_json", "config_unknown_field", "config_other_network", "missing_tensor",
                    "extra_tensor", "int_tensor", "pickle_as_safetensors", "zero_byte_safetensors",

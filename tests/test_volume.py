@@ -329,7 +329,7 @@ def test_list_volumes_case_ids_and_volume_paths(tmp_path: Path) -> None:
     assert [f.name for f in files] == ["a.nii", "b.nii.gz"]
     assert [case_id(f) for f in files] == ["a", "b"]
     assert case_id(tmp_path / "dicom") == "dicom" and case_id("x/patient.1.nii.gz") == "patient.1"
-    assert is_volume_path(tmp_path / "a.nii") and is_volume_path(tmp_path / "dicom")
+    assert is_volume_path(tmp_path / "a.nii") and not is_volume_path(tmp_path / "dicom")  # DICOM by content only
     assert not is_volume_path(tmp_path / "notes.txt") and not is_volume_path(tmp_path)
     (tmp_path / "a.nii.gz").write_bytes(b"x")
     with pytest.raises(TarganError, match="case 'a' has two files"):

@@ -139,9 +139,11 @@ def info(
 @app.command()
 @handles_errors
 def translate(
-    input: Annotated[Path, typer.Argument(help="A NIfTI file, a DICOM series folder, or a folder of NIfTI files.")],
+    input: Annotated[Path, typer.Argument(
+        help="A NIfTI file, a DICOM series folder or DICOMDIR, or a folder of NIfTI files and DICOM series folders.")],
     to: Annotated[str, typer.Option("--to", help="Target modality, a name from the weights (e.g. ct, t1w, t2w).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The output NIfTI file (.nii.gz), or a folder for a folder input.")],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="The output NIfTI file (.nii.gz) or DICOM series folder, or a folder for a folder input.")],
     source: Annotated[Optional[str], typer.Option(
         "--from", help="The input's modality. Default: from the DICOM Modality tag, or the weights' "
                        "only modality other than --to.")] = None,
@@ -156,6 +158,12 @@ def translate(
     part_id: Annotated[int, typer.Option(
         "--part-id", help="The part to run: the sorted files \\[part_id::num_parts].")] = 0,
     overwrite: OverwriteOpt = False,
+    output_format: Annotated[str, typer.Option(
+        "--format", help="Output format: dicom, nifti, or auto (DICOM for a DICOM input unless -o ends in "
+                         ".nii / .nii.gz; NIfTI for a NIfTI input).")] = "auto",
+    series: Annotated[Optional[str], typer.Option(
+        "--series", help="The SeriesInstanceUID (or a unique prefix) of the series to translate, when the "
+                         "DICOM input holds several.")] = None,
 ) -> None:
     """Translate whole volumes into another modality; the output keeps the input's geometry."""
     from rich.markup import escape
@@ -167,8 +175,10 @@ def translate(
         result = translate_volumes(
             input, output, to=to, source=source, weights=weights, revision=revision, device=device,
             precision=precision, batch_size=batch_size, preview=preview, num_parts=num_parts,
-            part_id=part_id, overwrite=overwrite, progress=advance,
+            part_id=part_id, overwrite=overwrite, output_format=output_format, series=series, progress=advance,
             total_callback=lambda total: advance(0, total=total))
+    for note in result.notes:
+        console.print(escape(note), highlight=False)
     if not result.outputs:
         console.print(f"Part {part_id} of {num_parts} holds none of the files of {strong(input)}: nothing to translate")
         return

@@ -91,11 +91,11 @@ def check_nifti_output(path: str | Path, what: str = "the output") -> Path:
 
 def is_volume_path(path: str | Path) -> bool:
     """True for a .nii / .nii.gz file or a folder that directly holds DICOM files."""
-    from targan_cli.io.dicom import dicom_files  # io.dicom builds Volumes: imported when used
+    from targan_cli.io.dicom import is_dicom_folder  # io.dicom builds Volumes: imported when used
 
     path = Path(path)
     if path.is_dir():
-        return bool(dicom_files(path))
+        return is_dicom_folder(path)
     return path.is_file() and _nifti_suffix(path) is not None
 
 
@@ -137,7 +137,7 @@ def read_volume(path: str | Path) -> Volume:
         return _read_nifti(path)
     from targan_cli.io.dicom import read_dicom  # io.dicom builds Volumes: imported when used
 
-    return read_dicom(path)
+    return read_dicom(path).volume
 
 
 def _read_nifti(path: Path) -> Volume:

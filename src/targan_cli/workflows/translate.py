@@ -2,7 +2,8 @@
 
 Pipeline per volume: read -> canonical slices -> normalize with the source modality's intensity
 settings -> generator (batched) -> denormalize with the target's (HU rounded to integers) ->
-back to the file's voxel order -> written with the input's affine and header.
+back to the file's voxel order -> written with the input's affine and header (NIfTI), or as a
+derived DICOM series on the input's grid (``io.dicom.write_dicom``).
 """
 
 from __future__ import annotations
@@ -15,18 +16,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from targan_cli import __version__
 from targan_cli.config import WeightsConfig
 from targan_cli.core.device import check_precision, pick_device
 from targan_cli.core.inference import generator_device, translate_slices
 from targan_cli.core.intensity import denormalize, guess_kind, normalize
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import check_writable
+from targan_cli.io.dicom import DicomSeries, check_series_folder, dicom_series_folders, read_dicom, write_dicom
 from targan_cli.io.montage import save_montage
-from targan_cli.io.volume import (Volume, canonical_depth, case_id, check_nifti_output, from_slices,
+from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, canonical_depth, case_id, check_nifti_output, from_slices,
                                   is_volume_path, list_volumes, read_volume, slice_frame, to_slices, write_volume)
 from targan_cli.io.weights import Weights, load_weights
 
 OUTPUT_SUFFIX = ".nii.gz"
+FORMATS = ("auto", "dicom", "nifti")
 PREVIEW_SLICES = 4
 
 
@@ -41,6 +45,7 @@ class TranslateResult:
     device: str
     preview: Path | None = None
     sources: tuple[SourceChoice, ...] = ()  # per output, how its input's modality was chosen
+    notes: tuple[str, ...] = ()  # lines for the user, e.g. files skipped in a DICOM folder
 
     @property
     def slices_per_second(self) -> float:
@@ -161,25 +166,93 @@ def _check_options(batch_size: int, num_parts: int, part_id: int) -> None:
         raise UsageError(f"--part-id must be within 0 to {num_parts - 1} for --num-parts {num_parts}, got {part_id}")
 
 
-def _plan(input: Path, output: Path, num_parts: int, part_id: int,
-          preview: Path | None) -> tuple[list[Path], list[Path]]:
-    """(inputs, outputs): one volume to one file, or this part of a folder's NIfTI files to a folder."""
+def _is_nifti_name(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _is_nifti_input(path: Path) -> bool:
+    return path.is_file() and _is_nifti_name(path)
+
+
+def _single_output(input: Path, output: Path, output_format: str) -> Path:
+    """The output of one volume: a NIfTI file, or a DICOM series folder (--format dicom, or --format
+    auto with a DICOM input and an output not named .nii / .nii.gz)."""
+    if output_format == "dicom" or (output_format == "auto" and not _is_nifti_input(input)
+                                    and not _is_nifti_name(output)):
+        if _is_nifti_name(output):
+            raise UsageError("--format dicom writes a folder of DICOM files: name the output without "
+                             ".nii / .nii.gz", output)
+        return output
+    return check_nifti_output(output, "the output of a single volume")
+
+
+def _batch_output(folder: Path, input: Path, output_format: str) -> Path:
+    """A case's output in the output folder: <case>.nii.gz, or a <case> DICOM series folder."""
+    dicom = output_format == "dicom" or (output_format == "auto" and not _is_nifti_input(input))
+    return folder / case_id(input) if dicom else folder / f"{case_id(input)}{OUTPUT_SUFFIX}"
+
+
+def _plan(input: Path, output: Path, num_parts: int, part_id: int, preview: Path | None,
+          output_format: str, series: str | None) -> tuple[list[Path], list[Path]]:
+    """(inputs, outputs): one volume to one file or DICOM folder, or this part of a folder's NIfTI
+    files and DICOM series subfolders to a folder."""
+    if output_format not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
     if not input.exists():
         raise TarganError("not found", input)
     if input.is_file() or is_volume_path(input):
         if num_parts > 1:
             raise UsageError("--num-parts splits a folder of NIfTI files; the input is a single volume", input)
-        return [input], [check_nifti_output(output, "the output of a single volume")]
+        if series is not None and _is_nifti_input(input):
+            raise UsageError("--series picks a series of a DICOM input; this is a NIfTI file", input)
+        return [input], [_single_output(input, output, output_format)]
     if preview is not None:
         raise UsageError("--preview shows one volume; pass a single NIfTI file or DICOM folder with it")
-    files = list_volumes(input)
+    if series is not None:
+        raise UsageError("--series picks a series of one DICOM input; this folder holds several cases", input)
+    files = sorted([*list_volumes(input), *dicom_series_folders(input)], key=lambda path: path.name)
     if not files:
-        raise TarganError("no NIfTI (.nii / .nii.gz) files in this folder, and no DICOM files directly in it",
-                          input)
+        raise TarganError("no NIfTI (.nii / .nii.gz) files or DICOM series subfolders in this folder, and no "
+                          "DICOM files directly in it", input)
+    seen: dict[str, Path] = {}
+    for file in files:
+        if case_id(file) in seen:
+            raise TarganError(f"case {case_id(file)!r} is both {seen[case_id(file)].name} and {file.name}; "
+                              "keep one", input)
+        seen[case_id(file)] = file
     if output.exists() and not output.is_dir():
         raise TarganError("the input is a folder, so the output must be a folder, but this is a file", output)
     selected = files[part_id::num_parts]
-    return selected, [output / f"{case_id(file)}{OUTPUT_SUFFIX}" for file in selected]
+    return selected, [_batch_output(output, file, output_format) for file in selected]
+
+
+def _read(path: Path, series: str | None) -> tuple[Volume, DicomSeries | None]:
+    """A NIfTI file's volume, or a DICOM input's volume with its series (for a DICOM output)."""
+    if _is_nifti_input(path):
+        return read_volume(path), None
+    dicom = read_dicom(path, series)
+    return dicom.volume, dicom
+
+
+def weights_label(weights: Weights) -> str:
+    """Where the weights came from, for a derived series' description: repo@commit, or the folder."""
+    provenance = weights.config.provenance
+    if provenance.get("hub_repo"):
+        revision = provenance.get("hub_commit") or provenance.get("hub_revision") or "main"
+        return f"{provenance['hub_repo']}@{revision}"
+    return str(weights.folder)
+
+
+def _write(path: Path, translation: _Translation, dicom: DicomSeries | None, source: str, target: str,
+           weights: Weights, overwrite: bool) -> None:
+    if _is_nifti_name(path):
+        write_volume(path, translation.volume, overwrite=overwrite)
+        return
+    settings = weights.config.intensity(target)
+    description = f"synthetic {target} from {source} by targan {__version__}, weights {weights_label(weights)}"
+    write_dicom(path, translation.volume, source=dicom, modality=translation.volume.modality or "MR",
+                description=description, window=settings.window if settings.kind == "ct" else None,
+                software=f"targan-cli {__version__}", overwrite=overwrite)
 
 
 def _preview(path: Path, translation: _Translation, source: str, target: str, config: WeightsConfig,
@@ -211,22 +284,32 @@ def translate(
     num_parts: int = 1,
     part_id: int = 0,
     overwrite: bool = False,
+    output_format: str = "auto",
+    series: str | None = None,
     progress: Callable[[int], None] | None = None,
     total_callback: Callable[[int], None] | None = None,
 ) -> TranslateResult:
-    """Translate a NIfTI file or DICOM series folder to a NIfTI file, or a folder of NIfTI files
-    (part ``part_id`` of ``num_parts``: the sorted files ``[part_id::num_parts]``) to a folder of
-    ``<case>.nii.gz``. ``total_callback(slices)`` is called once before ``progress(n)`` starts.
-    Every output is checked (existing without ``overwrite``, unwritable) before any work.
+    """Translate a NIfTI file, a DICOM series folder or a DICOMDIR to a NIfTI file or a DICOM series
+    folder, or a folder of NIfTI files and DICOM series subfolders (part ``part_id`` of
+    ``num_parts``: the cases sorted by name ``[part_id::num_parts]``) to a folder of ``<case>.nii.gz``
+    or ``<case>`` DICOM folders. ``output_format`` "auto" writes DICOM for a DICOM input (unless the
+    output is named .nii / .nii.gz) and NIfTI for a NIfTI input; ``series`` picks one series of a
+    DICOM input that holds several. ``total_callback(slices)`` is called once before ``progress(n)``
+    starts. Every output is checked (existing without ``overwrite``, unwritable) before any work.
     """
     input, output = Path(input), Path(output)
     preview = Path(preview) if preview is not None else None
     _check_options(batch_size, num_parts, part_id)
     if preview is not None and preview.suffix.lower() != ".png":
         raise UsageError("the preview is a PNG: its name must end in .png", preview)
-    inputs, outputs = _plan(input, output, num_parts, part_id, preview)
-    for path in [*outputs, *([preview] if preview is not None else [])]:
-        check_writable(path, overwrite, inputs=inputs)
+    inputs, outputs = _plan(input, output, num_parts, part_id, preview, output_format, series)
+    for path in outputs:
+        if _is_nifti_name(path):
+            check_writable(path, overwrite, inputs=inputs)
+        else:
+            check_series_folder(path, overwrite, inputs=inputs)
+    if preview is not None:
+        check_writable(preview, overwrite, inputs=inputs)
     torch_device = pick_device(device)
     dtype = check_precision(precision, torch_device)
     loaded = load_weights(weights, revision, torch_device)
@@ -237,22 +320,25 @@ def translate(
     started = time.perf_counter()
     # One volume is read first (a DICOM series' depth is known only once read); a folder's
     # depths come from the NIfTI headers, so that the progress total is known up front.
-    first = read_volume(inputs[0]) if len(inputs) == 1 else None
-    total = (slice_frame(first.shape, first.affine).canonical_shape[0] if first is not None
+    first = _read(inputs[0], series) if len(inputs) == 1 else None
+    total = (slice_frame(first[0].shape, first[0].affine).canonical_shape[0] if first is not None
              else sum(canonical_depth(path) for path in inputs))
     if total_callback is not None and inputs:  # a part without files shows no (empty) progress
         total_callback(total)
     written_preview = None
     sources: list[SourceChoice] = []
+    notes: list[str] = []
     for path, target_path in zip(inputs, outputs):
-        volume = first if first is not None else read_volume(path)
+        volume, dicom = first if first is not None else _read(path, series)
+        if dicom is not None and dicom.skipped_note is not None:
+            notes.append(f"{path}: {dicom.skipped_note}")
         choice = infer_source(loaded.config, volume, source, to)
         sources.append(choice)
         source_name = choice.name
         translation = _translate(volume, loaded, source_name, to, batch_size=batch_size, dtype=dtype,
                                  progress=progress)
-        write_volume(target_path, translation.volume, overwrite=overwrite)
+        _write(target_path, translation, dicom, source_name, to, loaded, overwrite)
         if preview is not None:
             written_preview = _preview(preview, translation, source_name, to, loaded.config, overwrite)
     return TranslateResult(tuple(outputs), to, total, time.perf_counter() - started, str(torch_device),
-                           written_preview, tuple(sources))
+                           written_preview, tuple(sources), tuple(notes))

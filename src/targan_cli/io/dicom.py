@@ -116,7 +116,7 @@ def dicom_series_folders(folder: Path) -> list[Path]:
 @dataclass(frozen=True)
 class DicomSeries:
     """One series read from a folder or a DICOMDIR: the volume, and per slice (in the volume's
-    slice order) its file and dataset (pixel data read only when used), for writing a derived series."""
+    slice order) its file and header (the dataset without its pixel data), for writing a derived series."""
 
     volume: Volume
     files: tuple[Path, ...]
@@ -423,6 +423,7 @@ def _stack_pixels(slices: list[_DicomSlice]) -> np.ndarray:
         if pixels.shape != (rows, columns):
             raise TarganError(f"pixel data of shape {pixels.shape} does not match Rows x Columns", item.file)
         array[:, :, index] = (pixels.astype(np.float64) * item.slope + item.intercept).T
+        del item.dataset.PixelData  # and pydicom's decoded copy: only the header is kept
     integral = all(float(s.slope).is_integer() and float(s.intercept).is_integer() for s in slices)
     if integral and _INT16_RANGE[0] <= array.min() and array.max() <= _INT16_RANGE[1]:
         return array.astype(np.int16)
@@ -487,13 +488,15 @@ def quantise(array: np.ndarray) -> Quantisation:
     uint16 over [min, max], so that the error is at most slope / 2 = range / 131070 (far below 0.5 %
     of the range). Slope and intercept are rounded to what a DICOM decimal string (DS) holds first,
     so that a reader computes the same real values."""
+    if not np.all(np.isfinite(array)):
+        raise ValueError("cannot store NaN or infinite values")
     low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
     if np.all(np.mod(array, 1) == 0) and _INT16_RANGE[0] <= low and high <= _INT16_RANGE[1]:
         return Quantisation(array.astype(np.int16), 1.0, 0.0)
     intercept = float(_decimal(low))
     slope = float(_decimal((high - intercept) / _UINT16_MAX)) if high > intercept else 1.0
     while (high - intercept) / slope > _UINT16_MAX:  # rounding the slope down would overflow
-        slope = float(_decimal(slope * (1 + 1e-9)))
+        slope = float(_decimal(slope * (1 + 1e-7)))
     stored = np.clip(np.rint((array.astype(np.float64) - intercept) / slope), 0, _UINT16_MAX)
     return Quantisation(stored.astype(np.uint16), slope, intercept)
 
@@ -538,11 +541,11 @@ def _lps_grid(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
 def _affine_geometry(affine_lps: np.ndarray, depth: int, where: Path | None) -> list[_SliceGeometry]:
     """Slice geometry from an LPS affine whose third axis is the slice axis."""
     column_step, row_step, slice_step = (affine_lps[:3, axis] for axis in range(3))
-    row_direction = column_step / np.linalg.norm(column_step)
-    column_direction = row_step / np.linalg.norm(row_step)
-    if abs(row_direction @ column_direction) > 1e-4:
-        raise TarganError("the affine shears the slice plane, which DICOM cannot describe; resample the volume "
-                          "to a grid with perpendicular axes first", where)
+    directions = affine_lps[:3, :3] / np.linalg.norm(affine_lps[:3, :3], axis=0)
+    if np.abs(directions.T @ directions - np.eye(3)).max() > 1e-4:
+        raise TarganError("the affine's axes are not perpendicular (a sheared grid), which DICOM slices cannot "
+                          "describe; resample the volume to a grid with perpendicular axes first", where)
+    row_direction, column_direction = directions[:, 0], directions[:, 1]
     normal = np.cross(row_direction, column_direction)
     orientation = _ds([*row_direction, *column_direction])
     spacing = _ds([np.linalg.norm(row_step), np.linalg.norm(column_step)])

@@ -1,16 +1,16 @@
 """DICOM series as scanners and PACS export them, for tests: named by UID, .IMA or nothing, without
 a preamble, compressed, with a patient, a study and a frame of reference (written with pydicom;
-JPEG Lossless encoded by SimpleITK's GDCM, JPEG 2000 by pylibjpeg-openjpeg, RLE by pydicom).
+JPEG Lossless and JPEG-LS encoded by python-gdcm, JPEG 2000 by pylibjpeg-openjpeg, RLE by pydicom).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import gdcm
 import numpy as np
 import pydicom
-import SimpleITK as sitk
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, RLELossless,
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEGLosslessSV1, JPEGLSLossless, RLELossless,
                          generate_uid)
 from volume_factories import write_dicom_series
 
@@ -24,25 +24,36 @@ def _name(style: str, dataset: pydicom.Dataset, index: int) -> str:
             "none": f"IM_{index + 1:04d}", "dcm": f"slice{index:03d}.dcm"}[style]
 
 
-def _jpeg_lossless(pixels: np.ndarray, scratch: Path) -> bytes:
-    """Encapsulated JPEG Lossless (process 14, selection value 1) pixel data, encoded by GDCM."""
-    writer = sitk.ImageFileWriter()
-    writer.SetImageIO("GDCMImageIO")
+_GDCM_SYNTAXES = {JPEGLosslessSV1: gdcm.TransferSyntax.JPEGLosslessProcess14_1,
+                  JPEGLSLossless: gdcm.TransferSyntax.JPEGLSLossless}
+
+
+def _gdcm_encoded(dataset: pydicom.Dataset, syntax: str, scratch: Path) -> bytes:
+    """The dataset's pixel data encapsulated in ``syntax`` by GDCM (through a scratch file)."""
+    dataset.save_as(scratch, enforce_file_format=True)
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(scratch))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(_GDCM_SYNTAXES[syntax]))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
     writer.SetFileName(str(scratch))
-    writer.SetUseCompression(True)
-    writer.SetCompressor("JPEG")
-    writer.Execute(sitk.GetImageFromArray(pixels[None]))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
     encoded = pydicom.dcmread(scratch)
     scratch.unlink()
-    assert encoded.file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    assert encoded.file_meta.TransferSyntaxUID == syntax
     return encoded.PixelData
 
 
 def _encode(dataset: pydicom.Dataset, syntax: str, scratch: Path) -> None:
     if syntax == DeflatedExplicitVRLittleEndian:  # the whole dataset is deflated when written
         dataset.file_meta.TransferSyntaxUID = syntax
-    elif syntax == JPEGLosslessSV1:
-        dataset.PixelData = _jpeg_lossless(dataset.pixel_array, scratch)
+    elif syntax in _GDCM_SYNTAXES:
+        dataset.PixelData = _gdcm_encoded(dataset, syntax, scratch)
         dataset["PixelData"].VR = "OB"
         dataset.file_meta.TransferSyntaxUID = syntax
     else:  # RLE (pydicom), JPEG 2000 (pylibjpeg-openjpeg)

@@ -16,8 +16,8 @@ from dicom_factories import scanner_series
 from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.fileset import FileSet
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, MPEG2MPML,
-                         RLELossless)
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless,
+                         MPEG2MPML, RLELossless)
 from volume_factories import anatomy, canonical_affine, oriented, write_dicom_series, write_nifti
 
 from targan_cli.errors import TarganError, UsageError
@@ -233,7 +233,7 @@ def test_files_are_dicom_by_content_whatever_their_name(tmp_path: Path, names: s
     assert series.skipped_note == f"skipped 3 file(s) that are not DICOM images ({', '.join(clutter)})"
 
 
-@pytest.mark.parametrize("syntax", [None, JPEGLosslessSV1, JPEG2000Lossless, RLELossless,
+@pytest.mark.parametrize("syntax", [None, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, RLELossless,
                                     DeflatedExplicitVRLittleEndian])
 def test_geometry_and_voxels_equal_simpleitks_series_reader(tmp_path: Path, syntax: str | None) -> None:
     """SimpleITK (ITK's GDCM) reads the same files independently: origin, spacing and direction within

@@ -16,6 +16,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from dicom_factories import PATIENT, STUDY, scanner_series
+from pydicom.fileset import FileSet
 from pydicom.uid import UID, CTImageStorage, MRImageStorage
 from typer.testing import CliRunner
 from volume_factories import anatomy, canonical_affine, oriented, rotation, write_nifti
@@ -348,3 +349,17 @@ def test_the_library_writes_the_same_series_as_the_command(tmp_path: Path, weigh
     assert isinstance(read_dicom(tmp_path / "out").volume, Volume)
     with pytest.raises(TarganError, match="already exists"):
         translate(tmp_path / "ct", tmp_path / "out", to="t1w", weights=weights, device="cpu")
+
+
+def test_a_dicomdir_input_translates_like_its_folder(tmp_path: Path, weights: Path) -> None:
+    files = _ct_series(tmp_path / "ct")
+    file_set = FileSet()
+    for file in files:
+        file_set.add(pydicom.dcmread(file))
+    file_set.write(tmp_path / "media")
+    result = _invoke("translate", str(tmp_path / "media" / "DICOMDIR"), "--to", "t1w", "-o", str(tmp_path / "out"),
+                     "-w", str(weights))
+    assert result.exit_code == 0, result.output
+    written, original = _sitk_series(tmp_path / "out"), _sitk_series(tmp_path / "ct")
+    np.testing.assert_allclose(written.GetOrigin(), original.GetOrigin(), rtol=0, atol=1e-4)
+    assert {d.StudyInstanceUID for d in _datasets(tmp_path / "out")} == {pydicom.dcmread(files[0]).StudyInstanceUID}

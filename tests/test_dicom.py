@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGL
 from volume_factories import anatomy, canonical_affine, oriented, write_dicom_series, write_nifti
 
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.dicom import MAX_SLICE_SIDE, read_dicom, read_dicom_series
+from targan_cli.io.dicom import MAX_SLICE_SIDE, read_dicom, read_dicom_series, write_dicom
 from targan_cli.io.volume import from_slices, is_volume_path, read_volume, to_slices, write_volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -389,3 +390,21 @@ def test_gantry_tilt_is_refused_with_its_angle(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(TarganError, match=rf"gantry tilt of 15\.00 degrees: {files[-1].name} lies 2\.01 mm off the "
                                           rf"slice normal through {files[0].name}; tilted series are not supported"):
         read_volume(tmp_path / "tilt")
+
+
+def test_values_that_break_the_standard_harmlessly_are_read_without_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real exports hold such values (a UID with letters, an over-long description); pydicom warns on
+    stderr when it converts them, which would be a second line beside the command's own."""
+    files = scanner_series(tmp_path / "s", _stored_ct((3, 6, 5)), series_uid="1.2.3")
+    for file in files:
+        _rewrite(file, monkeypatch, SeriesInstanceUID="1.2.3.x7", SeriesDescription="D" * 80,
+                 SliceThickness="2.50000000000000000")
+    monkeypatch.undo()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        series = read_dicom(tmp_path / "s")
+        assert is_volume_path(tmp_path / "s")
+        write_dicom(tmp_path / "out", series.volume, source=series, modality="CT", description="synthetic ct")
+    assert [str(w.message) for w in caught] == []
+    assert read_dicom(tmp_path / "out").volume.shape == (5, 6, 3)

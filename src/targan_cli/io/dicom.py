@@ -46,7 +46,9 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """pydicom warns (to stderr) about values that break the standard; the checks below name them."""
+    """pydicom warns (to stderr) about values that break the standard, when it reads and converts
+    them and when it writes them; the checks here name what matters in one error instead. Every
+    public function that touches pydicom runs under it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
@@ -68,8 +70,7 @@ def _header(path: Path) -> pydicom.Dataset | None:
     """
     magic = _has_dicom_magic(path)
     try:
-        with _quiet():
-            dataset = pydicom.dcmread(path, force=not magic, defer_size=_DEFER_BYTES)
+        dataset = pydicom.dcmread(path, force=not magic, defer_size=_DEFER_BYTES)
     except Exception as error:  # pydicom raises many types for a damaged file
         if magic:
             raise TarganError(f"cannot read this DICOM file ({_reason(error)})", path) from None
@@ -97,6 +98,7 @@ def _candidates(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(NIFTI_SUFFIXES))
 
 
+@_quiet()
 def is_dicom_folder(folder: Path) -> bool:
     """Whether a folder directly holds at least one DICOM image file."""
     return any((header := _header(p)) is not None and _is_image(header) for p in _candidates(folder))
@@ -132,6 +134,7 @@ class DicomSeries:
         return f"skipped {len(self.skipped)} file(s) that are not DICOM images ({names})"
 
 
+@_quiet()
 def read_dicom(path: Path, series: str | None = None) -> DicomSeries:
     """Read one DICOM series from a folder (files directly in it) or a DICOMDIR file.
 
@@ -165,6 +168,7 @@ def read_dicom(path: Path, series: str | None = None) -> DicomSeries:
                        tuple(skipped))
 
 
+@_quiet()
 def read_dicom_series(files: Sequence[Path]) -> tuple[Volume, list[Path]]:
     """Read the given files of one DICOM series into a volume; also return the files in slice order.
 
@@ -293,18 +297,17 @@ def _read_dicom_slice(file: Path, dataset: pydicom.Dataset) -> _DicomSlice:
                                "Rows", "Columns", "PixelData") if tag not in dataset]
     if missing:
         raise TarganError(f"lacks {', '.join(missing)}, needed to place the slice in space", file)
-    with _quiet():
-        try:
-            frames = int(dataset.get("NumberOfFrames", 1) or 1)
-            samples = int(dataset.get("SamplesPerPixel", 1) or 1)
-            size = (int(dataset.Rows), int(dataset.Columns))
-            orientation = np.array([float(v) for v in dataset.ImageOrientationPatient])
-            position = np.array([float(v) for v in dataset.ImagePositionPatient])
-            pixel_spacing = tuple(float(v) for v in dataset.PixelSpacing)
-            slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
-            intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
-        except (TypeError, ValueError) as error:
-            raise TarganError(f"has a malformed geometry, size or rescale tag ({_reason(error)})", file) from None
+    try:
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+        samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+        size = (int(dataset.Rows), int(dataset.Columns))
+        orientation = np.array([float(v) for v in dataset.ImageOrientationPatient])
+        position = np.array([float(v) for v in dataset.ImagePositionPatient])
+        pixel_spacing = tuple(float(v) for v in dataset.PixelSpacing)
+        slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
+    except (TypeError, ValueError) as error:
+        raise TarganError(f"has a malformed geometry, size or rescale tag ({_reason(error)})", file) from None
     if frames > 1:
         raise TarganError("is a multi-frame DICOM file; only one-slice-per-file series are supported", file)
     if samples != 1:
@@ -416,8 +419,7 @@ def _stack_pixels(slices: list[_DicomSlice]) -> np.ndarray:
     array = np.empty((columns, rows, len(slices)), dtype=np.float32)
     for index, item in enumerate(slices):
         try:
-            with _quiet():
-                pixels = item.dataset.pixel_array
+            pixels = item.dataset.pixel_array
         except Exception as error:  # a missing decoder for a compressed transfer syntax, damaged data
             raise TarganError(_decode_problem(item.dataset, error), item.file) from None
         if pixels.shape != (rows, columns):
@@ -524,10 +526,9 @@ def _copied_geometry(source: DicomSeries, shape: tuple[int, int, int]) -> list[_
     expected = (int(first.Columns), int(first.Rows), len(source.datasets))
     if shape != expected:
         raise ValueError(f"volume of shape {shape} does not fit its source series {expected} (Columns, Rows, slices)")
-    with _quiet():
-        return [_SliceGeometry([str(v) for v in d.ImagePositionPatient], [str(v) for v in d.ImageOrientationPatient],
-                               [str(v) for v in d.PixelSpacing], str(d.get("SliceThickness", "") or ""))
-                for d in source.datasets]
+    return [_SliceGeometry([str(v) for v in d.ImagePositionPatient], [str(v) for v in d.ImageOrientationPatient],
+                           [str(v) for v in d.PixelSpacing], str(d.get("SliceThickness", "") or ""))
+            for d in source.datasets]
 
 
 def _lps_grid(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
@@ -574,6 +575,7 @@ def check_series_folder(folder: str | Path, overwrite: bool, inputs: Sequence[st
     return folder
 
 
+@_quiet()
 def write_dicom(folder: str | Path, volume: Volume, *, source: DicomSeries | None, modality: str,
                 description: str, window: tuple[float, float] | None = None, software: str = "",
                 overwrite: bool = False) -> Path:

@@ -472,6 +472,15 @@ _SLICE_NAME = re.compile(r"IM\d{5}\.dcm")  # the files write_dicom makes
 _SOURCE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
 
 
+def _decimal(value: float) -> str:
+    """A number as a DICOM decimal string (DS: at most 16 characters)."""
+    return format_number_as_ds(float(value))
+
+
+def _ds(values: Sequence[float]) -> list[str]:
+    return [_decimal(v) for v in values]
+
+
 @dataclass(frozen=True)
 class Quantisation:
     """How real values become 16-bit stored values: real = stored * slope + intercept."""
@@ -509,15 +518,6 @@ class _SliceGeometry:
     orientation: list[str]  # ImageOrientationPatient
     pixel_spacing: list[str]
     slice_thickness: str
-
-
-def _decimal(value: float) -> str:
-    """A number as a DICOM decimal string (DS: at most 16 characters)."""
-    return format_number_as_ds(float(value))
-
-
-def _ds(values: Sequence[float]) -> list[str]:
-    return [_decimal(v) for v in values]
 
 
 def _copied_geometry(source: DicomSeries, shape: tuple[int, int, int]) -> list[_SliceGeometry]:

@@ -446,7 +446,7 @@ def write_volume(path: str | Path, volume: Volume, *, label: bool = False, overw
     image.header.set_data_dtype(array.dtype)
     image.header.set_slope_inter(np.nan, np.nan)
     image.header["cal_min"] = image.header["cal_max"] = 0
-    with atomic_output(path, overwrite=overwrite) as temporary:
+    with atomic_output(path, overwrite=overwrite, kind="volume") as temporary:
         nib.save(image, temporary)
     return path
 

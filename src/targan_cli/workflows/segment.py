@@ -110,7 +110,8 @@ def build_network(config: SegmenterConfig) -> ShapeController:
 def save_segmenter(folder: str | Path, network: ShapeController, config: SegmenterConfig,
                    overwrite: bool = False) -> Path:
     """Write a segmenter folder atomically (a temporary folder renamed into place)."""
-    return save_model_folder(folder, network, config.to_dict(), tensors_file=SEGMENTER_FILE, overwrite=overwrite)
+    return save_model_folder(folder, network, config.to_dict(), tensors_file=SEGMENTER_FILE, overwrite=overwrite,
+                             command="train-segmenter")
 
 
 def load_segmenter(folder: str | Path, device: str | torch.device = "cpu") -> Segmenter:
@@ -202,7 +203,7 @@ def segment(input: str | Path, output: str | Path, *, segmenter: str | Path, sou
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     check_nifti_output(output, "the mask")
-    check_writable(output, overwrite, inputs=[input])
+    check_writable(output, overwrite, inputs=[input, segmenter], kind="volume")
     torch_device = pick_device(device)
     loaded = load_segmenter(segmenter, torch_device)
     started = time.perf_counter()
@@ -302,7 +303,7 @@ def train_segmenter(
             raise UsageError(f"{name} must be at least 1, got {value}")
     if not learning_rate > 0:
         raise UsageError(f"the learning rate must be positive, got {learning_rate}")
-    out = check_writable(out, overwrite, is_dir=True)
+    out = check_writable(out, overwrite, inputs=[data], is_dir=True)
     dataset = open_data_dir(data)
     names = dataset.spec.modality_names
     if modality not in names:

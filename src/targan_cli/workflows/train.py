@@ -43,7 +43,7 @@ from targan_cli.core.device import check_precision, pick_device
 from targan_cli.core.training import TarGAN, Trainer, TrainConfig, derived_generator
 from targan_cli.data.dataset import DataDir, SliceDataset, SliceSet, load_slices, open_data_dir
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import atomic_output, check_writable
+from targan_cli.io.atomic import atomic_output, check_apart, check_writable, made_by_targan, mark_folder
 from targan_cli.io.montage import save_montage
 from targan_cli.io.weights import save_weights
 from targan_cli.process import handling_signals
@@ -158,10 +158,12 @@ def _check_options(epochs: int, batch_size: int, max_steps: int | None, workers:
             raise UsageError(f"{name} must be an integer of at least {minimum}, got {value!r}")
 
 
-def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from, or None for a new run; refuses to mix runs."""
+def _check_run_dir(out: Path, resume: bool, overwrite: bool, data: Path) -> Path | None:
+    """The checkpoint to resume from, or None for a new run; refuses to mix runs, a run folder that
+    overlaps the data, and to empty a folder that no run made."""
     if resume and overwrite:
         raise UsageError("--resume continues a run and --overwrite starts it over: pass one of them")
+    check_apart(out, [data])
     if out.exists() and not out.is_dir():
         raise TarganError("the run folder exists and is not a folder", out)
     last = out / CHECKPOINTS / LAST_CHECKPOINT
@@ -173,7 +175,8 @@ def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise TarganError("the run folder is not empty; pass --resume to continue its run or --overwrite "
                           "to start over", out)
-    check_writable(out / CHECKPOINTS, overwrite=True, is_dir=True)  # the run folder, or where it will be
+    check_writable(out, overwrite=True, is_dir=True)  # refuses a non-empty folder that targan did not make
+    check_writable(last, overwrite=True)  # the run folder, or where it will be, is writable
     return None
 
 
@@ -471,7 +474,7 @@ def train(
             use_crossing_loss=crossing_loss)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    resume_from = _check_run_dir(out, resume, overwrite)
+    resume_from = _check_run_dir(out, resume, overwrite, Path(data))
     data_dir = open_data_dir(data)
     for name in data_dir.spec.modality_names:
         if not data_dir.cases("train", name):
@@ -568,6 +571,8 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
     log = _MetricsLog(out, resumed_from) if main else None
     samples = _Samples(held_out) if main and sample_every else None
     (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    if main and not made_by_targan(out):
+        mark_folder(out, "train")
     last_checkpoint = out / CHECKPOINTS / LAST_CHECKPOINT
     saved_step = step if resumed_from is not None else None
     losses: dict[str, float] = {}
@@ -585,7 +590,7 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                           "train_config": train_config.to_dict()}
             save_weights(out / EXPORT, trainer.model.ema_generator,
-                         dataclasses.replace(weights_config, provenance=provenance), overwrite=True)
+                         dataclasses.replace(weights_config, provenance=provenance), overwrite=True, command="train")
         if main and periodic:
             with atomic_output(out / CHECKPOINTS / f"step_{step:07d}.pt", overwrite=True) as temporary:
                 shutil.copyfile(last_checkpoint, temporary)

@@ -20,7 +20,7 @@ from targan_cli.core.device import check_precision, pick_device
 from targan_cli.core.inference import generator_device, translate_slices
 from targan_cli.core.intensity import denormalize, guess_kind, normalize
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import check_writable
+from targan_cli.io.atomic import check_apart, check_writable, local_paths
 from targan_cli.io.montage import save_montage
 from targan_cli.io.volume import (Volume, canonical_depth, case_id, check_nifti_output, from_slices,
                                   is_volume_path, list_volumes, read_volume, slice_frame, to_slices, write_volume)
@@ -225,8 +225,10 @@ def translate(
     if preview is not None and preview.suffix.lower() != ".png":
         raise UsageError("the preview is a PNG: its name must end in .png", preview)
     inputs, outputs = _plan(input, output, num_parts, part_id, preview)
-    for path in [*outputs, *([preview] if preview is not None else [])]:
-        check_writable(path, overwrite, inputs=inputs)
+    read = [input, *inputs, *local_paths(weights)]
+    check_apart(output, read)
+    for path, kind in [*((path, "volume") for path in outputs), *([(preview, "png")] if preview is not None else [])]:
+        check_writable(path, overwrite, inputs=read, kind=kind)
     torch_device = pick_device(device)
     dtype = check_precision(precision, torch_device)
     loaded = load_weights(weights, revision, torch_device)

@@ -88,7 +88,10 @@ def mark_folder(folder: str | Path, command: str) -> None:
     from targan_cli import __version__
 
     text = json.dumps({"made_by": "targan-cli", "command": command, "version": __version__}) + "\n"
-    (Path(folder) / MARKER).write_text(text, encoding="utf-8")
+    try:
+        (Path(folder) / MARKER).write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise write_error(error, Path(folder) / MARKER) from None
 
 
 def made_by_targan(folder: str | Path) -> bool:

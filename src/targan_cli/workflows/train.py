@@ -43,7 +43,8 @@ from targan_cli.core.device import check_precision, pick_device
 from targan_cli.core.training import TarGAN, Trainer, TrainConfig, derived_generator
 from targan_cli.data.dataset import DataDir, SliceDataset, SliceSet, load_slices, open_data_dir
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import atomic_output, check_apart, check_writable, made_by_targan, mark_folder
+from targan_cli.io.atomic import (atomic_output, check_apart, check_writable, made_by_targan, mark_folder,
+                                  write_error)
 from targan_cli.io.montage import save_montage
 from targan_cli.io.weights import save_weights
 from targan_cli.process import handling_signals
@@ -329,8 +330,11 @@ class _MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         # Appended line by line (an atomic rewrite per line would be quadratic); a torn last line
         # is dropped on resume.
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:  # a full disk: one line naming it
+            raise write_error(error, self.path) from None
         if self.writer is not None:
             for name, value in record.items():
                 if name not in ("step", "epoch", "time"):

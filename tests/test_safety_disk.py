@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 import targan_cli.io.weights
 from cli_safety import data, refusal, targan, tree_digest, write_case, weights  # noqa: F401 (fixtures)
 from targan_cli.cli import app
+from test_faults import _one_error_line
 from test_official import official_state_dict
 
 COMMAND = typer.main.get_command(app)
@@ -119,27 +120,19 @@ def test_convert_on_a_full_disk(small_disk: Path, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- simulated full disks
 
 
-def _one_line(result) -> str:
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
 def _segmenter_arguments(data: Path, out: Path) -> list[str]:
     return ["train-segmenter", "--data", str(data), "--modality", "ct", "--out", str(out), "--epochs", "1",
             "--width", "4", "--depth", "3", "--device", "cpu"]
 
 
-def test_safetensors_full_disk_error_is_one_line(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_safetensors_full_disk_error_is_one_error_line(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def full(tensors, path, metadata=None):
         Path(path).write_bytes(b"\0" * 1024)  # what fitted
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(targan_cli.io.weights, "save_file", full)
     out = tmp_path / "seg"
-    line = _one_line(CliRunner().invoke(COMMAND, _segmenter_arguments(data, out)))
+    line = _one_error_line(CliRunner().invoke(COMMAND, _segmenter_arguments(data, out)))
     assert f"error: {out}: cannot write: No space left on device (the disk mounted at " in line
     assert list(tmp_path.iterdir()) == []
 
@@ -156,7 +149,7 @@ def test_torch_save_failures_are_one_line_and_full_disks_are_named(data: Path, t
     monkeypatch.setattr(torch, "save", failing)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free))
     run = tmp_path / "run"
-    line = _one_line(CliRunner().invoke(COMMAND, ["train", "--data", str(data), "--out", str(run), "--max-steps", "1",
+    line = _one_error_line(CliRunner().invoke(COMMAND, ["train", "--data", str(data), "--out", str(run), "--max-steps", "1",
                                                   *TINY_TRAIN]))
     assert line.startswith(f"error: {run / 'checkpoints' / 'last.pt'}: cannot write: ")
     assert ("No space left on device" in line) == (free == 0), line
@@ -164,7 +157,7 @@ def test_torch_save_failures_are_one_line_and_full_disks_are_named(data: Path, t
     assert not any(".tmp-" in path.name for path in run.rglob("*"))
 
 
-def test_a_full_disk_while_logging_the_losses_is_one_line(data: Path, tmp_path: Path,
+def test_a_full_disk_while_logging_the_losses_is_one_error_line(data: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     opened = Path.open
 
@@ -175,6 +168,6 @@ def test_a_full_disk_while_logging_the_losses_is_one_line(data: Path, tmp_path: 
 
     monkeypatch.setattr(Path, "open", full)
     run = tmp_path / "run"
-    line = _one_line(CliRunner().invoke(COMMAND, ["train", "--data", str(data), "--out", str(run), "--max-steps", "1",
+    line = _one_error_line(CliRunner().invoke(COMMAND, ["train", "--data", str(data), "--out", str(run), "--max-steps", "1",
                                                   "--log-every", "1", *TINY_TRAIN]))
     assert line.startswith(f"error: {run / 'metrics.jsonl'}: cannot write: No space left on device")

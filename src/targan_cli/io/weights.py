@@ -161,7 +161,8 @@ def _resolve(text: str, revision: str | None) -> tuple[Path, dict]:
 
 
 def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse missing or unexpected names, wrong shapes and non-float dtypes, naming the first."""
+    """Refuse missing or unexpected names, wrong shapes, non-float dtypes and NaN or infinite
+    values, naming the first."""
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     problems = []
@@ -176,6 +177,9 @@ def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch
             break
         if not tensors[name].is_floating_point():
             problems.append(f"{name} has dtype {tensors[name].dtype}, expected a floating-point tensor")
+            break
+        if not torch.isfinite(tensors[name]).all():
+            problems.append(f"{name} holds NaN or infinite values")
             break
     if problems:
         raise TarganError("tensors do not match config.json: " + "; ".join(problems), path)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from targan_cli import __version__
-from targan_cli.config import IntensitySettings, read_json
+from targan_cli.config import (MAX_CHANNELS, MAX_IMAGE_SIZE, MAX_LEVELS, IntensitySettings, check_integer,
+                               check_widest, read_json)
 from targan_cli.core.device import pick_device
 from targan_cli.core.intensity import normalize
 from targan_cli.core.metrics import dice
@@ -56,10 +57,11 @@ class SegmenterConfig:
     format_version: int = SEGMENTER_FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "width", "depth"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise TarganError(f"segmenter config: {name} must be a positive integer, got {value!r}")
+        for name, high in (("image_size", MAX_IMAGE_SIZE), ("width", MAX_CHANNELS), ("depth", MAX_LEVELS)):
+            check_integer("segmenter config", name, getattr(self, name), 1, high)
+        check_widest("segmenter config", "the U-Net (width)", self.width, self.depth - 1)
+        if not isinstance(self.modality, str) or not isinstance(self.target, str):
+            raise TarganError("segmenter config: modality and target must be text")
         if self.image_size % 2 ** (self.depth - 1):
             raise TarganError(f"segmenter config: image size {self.image_size} is not divisible by "
                               f"{2 ** (self.depth - 1)}, which a U-Net of depth {self.depth} needs")

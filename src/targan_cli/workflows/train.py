@@ -251,6 +251,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def _stop_if_not_finite(tensors: dict[str, torch.Tensor], what: str, step: int, out: Path) -> None:
+    """Stop a run whose losses or weights are NaN or infinite (a diverged run, e.g. a huge learning
+    rate) before it saves anything: the last checkpoint and export stay as they were. One device
+    sync for all ``tensors``."""
+    if bool(torch.stack([torch.isfinite(tensor).all() for tensor in tensors.values()]).all()):
+        return
+    names = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    raise TarganError(f"training diverged at step {step}: {what} {', '.join(names[:3])}"
+                      f"{' ...' if len(names) > 3 else ''} NaN or infinite; stopped before saving it (checkpoints "
+                      "and export/ hold earlier steps only); lower --lr-g / --lr-d or the loss weights", out)
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     with atomic_output(path, overwrite=True) as temporary:
         torch.save(state, temporary)
@@ -585,6 +597,7 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
         """last.pt and export/ (once per step), plus step_XXXXXXX.pt when ``periodic``; rank 0 writes."""
         nonlocal saved_step
         if main and saved_step != step:
+            _stop_if_not_finite(trainer.model.state_dict(), "the weights", step, out)
             state = {"format_version": CHECKPOINT_FORMAT, "settings": settings, "trainer": trainer.state_dict(),
                      "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": _rng_state(device),
                      "data": str(data_dir.root.resolve()), "modalities": [m.to_dict() for m in slices.modalities]}
@@ -614,6 +627,7 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
                 for batch in loader:  # the epoch's remaining batches
                     terms = trainer.train_step(batch, step_generator(seed, processes.rank, step))
                     step += 1
+                    _stop_if_not_finite(terms, "the loss(es)", step, out)
                     batch_in_epoch += 1
                     now = time.perf_counter()
                     rate = (step - started_step) / (now - started) if now > started else None

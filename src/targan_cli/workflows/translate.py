@@ -240,7 +240,7 @@ def translate(
     # One volume is read first (a DICOM series' depth is known only once read); a folder's
     # depths come from the NIfTI headers, so that the progress total is known up front.
     first = read_volume(inputs[0]) if len(inputs) == 1 else None
-    total = (slice_frame(first.shape, first.affine).canonical_shape[0] if first is not None
+    total = (slice_frame(first.shape, first.affine, first.source).canonical_shape[0] if first is not None
              else sum(canonical_depth(path) for path in inputs))
     if total_callback is not None and inputs:  # a part without files shows no (empty) progress
         total_callback(total)

@@ -343,7 +343,9 @@ def read_json(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TarganError("file not found", path) from None
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
+        raise TarganError(f"cannot read: {error.strerror or error}", path) from None
+    except UnicodeDecodeError as error:
         raise TarganError(f"cannot read: {error}", path) from None
     try:
         data = json.loads(text)

@@ -141,10 +141,12 @@ def list_volumes(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise TarganError("not a folder" if folder.exists() else "folder not found", folder)
-    files = sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and _nifti_suffix(p) is not None
-    )
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and _nifti_suffix(p) is not None)
+    for entry in entries:
+        if entry.is_symlink() and not entry.exists():
+            raise TarganError(f"is a symbolic link to {os.readlink(entry)}, which does not exist or loops: fix or "
+                              "remove the link", entry)
+    files = [p for p in entries if p.is_file()]
     seen: dict[str, Path] = {}
     for file in files:
         case = case_id(file)
@@ -183,6 +185,8 @@ def read_volume(path: str | Path) -> Volume:
 def _read_nifti(path: Path) -> Volume:
     try:
         size = path.stat().st_size
+        with path.open("rb"):  # readable (permissions), before nibabel hides why it is not
+            pass
     except OSError as error:
         raise TarganError(f"cannot read: {error.strerror or error}", path) from None
     if size == 0:

@@ -157,6 +157,10 @@ def _check_options(epochs: int, batch_size: int, max_steps: int | None, workers:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise UsageError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers > cores:  # refused, not silently clamped: say so, and let the user choose
+        raise UsageError(f"--workers {workers} is more than the {cores} CPU core(s) this process may use; "
+                         f"pass at most {cores}")
 
 
 def _check_run_dir(out: Path, resume: bool, overwrite: bool, data: Path) -> Path | None:

@@ -57,7 +57,7 @@ def test_folders_are_replaced_whole(tmp_path):
     target = tmp_path / "weights"
     target.mkdir()
     (target / "old.txt").write_text("old")
-    mark_folder(target, "test")  # made by targan: --overwrite may replace it
+    mark_folder(target, "test", "folder")  # made by targan: --overwrite may replace it
     with atomic_output(target, overwrite=True, is_dir=True, command="test") as temporary:
         (temporary / "new.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == [MARKER, "new.txt"]

@@ -20,7 +20,7 @@ from test_chaos import build_chaos_tree
 
 def _refused_untouched(arguments: list[object], inputs: list[Path], *words: object) -> str:
     before = tree_digest(*inputs)
-    line = refusal(targan(*arguments), *map(str, words))
+    line = refusal(targan(*arguments), *map(str, words), exit_code=1)
     assert tree_digest(*inputs) == before
     return line
 

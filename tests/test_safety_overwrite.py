@@ -62,12 +62,27 @@ def test_a_folder_targan_made_is_marked_and_replaced_with_overwrite(tmp_path: Pa
     assert targan("data", "phantom", out, "--cases", "1", "--size", "16", "--slices", "4",
                   "--test-cases", "0").returncode == 0
     marker = json.loads((out / MARKER).read_text())
-    assert marker == {"made_by": "targan-cli", "command": "data phantom", "version": targan_cli.__version__}
+    assert marker == {"made_by": "targan-cli", "command": "data phantom", "kind": "dataset",
+                      "version": targan_cli.__version__}
     (out / "stale.txt").write_text("from before")
     result = targan("data", "phantom", out, "--cases", "1", "--size", "16", "--slices", "4", "--test-cases", "0",
                     "--seed", "1", "--overwrite")
     assert result.returncode == 0, result.stderr
     assert not (out / "stale.txt").exists() and (out / MARKER).is_file()
+
+
+def test_a_folder_targan_made_is_replaced_only_by_one_of_its_kind(data: Path, tmp_path: Path) -> None:
+    other = tmp_path / "OTHER"
+    assert targan("data", "phantom", other, "--cases", "1", "--size", "16", "--slices", "4",
+                  "--test-cases", "0").returncode == 0
+    checkpoint = tmp_path / "netG.pkl"
+    checkpoint.write_bytes(b"checkpoint")
+    before = tree_digest(other)
+    for command, kind in ((["train-segmenter", "--data", data, "--modality", "ct", "--out", other], "segmenter folder"),
+                          (["convert", checkpoint, "-o", other], "weights folder"),
+                          (["train", "--data", data, "--out", other, "--preset", "tiny"], "run folder")):
+        refusal(targan(*command, "--overwrite"), str(other), f"is a dataset that targan made, not a {kind}")
+        assert tree_digest(other) == before
 
 
 def test_files_are_replaced_only_by_files_of_their_kind(tmp_path: Path, weights: Path) -> None:

@@ -2,9 +2,9 @@
 and range-checked before any network is built (widths, depths, image size, intensity settings
 finite and bounded), and tensors holding NaN or infinite values are refused at load.
 
-Each case edits one field of a real tiny folder and runs `targan info` (weights) or `targan
-segment` (segmenters) in a subprocess: exit code 1, no traceback, one line naming config.json
-(or model.safetensors) and the field, the folder untouched."""
+Each case edits one field of a real tiny folder and runs `targan info` (weights; in-process, for
+the many fields) or `targan segment` (segmenters; in a subprocess): exit code 1, no traceback,
+one line naming config.json (or model.safetensors) and the field, the folder untouched."""
 
 from __future__ import annotations
 
@@ -14,12 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from cli_safety import refusal, targan, tree_digest, weights, write_case  # noqa: F401 (fixtures)
+from targan_cli.cli import app
 from targan_cli.config import IntensitySettings
 from targan_cli.workflows.segment import SegmenterConfig, build_network, save_segmenter
 
+COMMAND = typer.main.get_command(app)
 BAD_FIELDS = [
     (("model", "base_width"), 10 ** 9, "base_width must be an integer from 1 to 4096"),
     (("model", "base_width"), 1024, "the generator (base_width) reaches"),
@@ -59,7 +63,10 @@ def test_a_weights_config_field_out_of_range_is_refused_before_building(weights:
     shutil.copytree(weights, folder)
     _edit(folder, path, value)
     before = tree_digest(folder)
-    refusal(targan("info", folder), str(folder / "config.json"), words, exit_code=1)
+    result = CliRunner().invoke(COMMAND, ["info", str(folder)])  # in-process: 13 cases, no torch start-up each
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {folder / 'config.json'}: ") and words in lines[0], lines
     assert tree_digest(folder) == before
 
 

@@ -153,7 +153,7 @@ def import_chaos(chaos_dir: str | Path, out: str | Path, test_fraction: float = 
         raise UsageError(f"test fraction must be in [0, 1), got {test_fraction}")
     out = Path(out)
     series = find_chaos_series(chaos_dir)
-    check_writable(out, overwrite, inputs=[chaos_dir], is_dir=True)
+    check_writable(out, overwrite, inputs=[chaos_dir], is_dir=True, kind="dataset")
 
     split_of: dict[tuple[str, str], str] = {}
     patients: dict[str, dict[str, tuple[str, ...]]] = {"train": {}, "test": {}}
@@ -167,7 +167,7 @@ def import_chaos(chaos_dir: str | Path, out: str | Path, test_fraction: float = 
                        description=CHAOS_DESCRIPTION)
     cases: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
     slices = 0
-    with atomic_output(out, overwrite=True, is_dir=True, command="data import-chaos") as temporary:
+    with atomic_output(out, overwrite=True, is_dir=True, kind="dataset", command="data import-chaos") as temporary:
         (temporary / DATASET_JSON).write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
         for item in series:
             split = split_of[(item.group, item.patient)]

@@ -559,7 +559,7 @@ def write_phantom_dataset(
     ``out`` is replaced only with ``overwrite`` and only if this tool made it (``io.atomic.check_writable``).
     """
     _check_options(cases, size, slices, seed, test_cases)
-    out = check_writable(out, overwrite, is_dir=True)
+    out = check_writable(out, overwrite, is_dir=True, kind="dataset")
     spec = DatasetSpec(
         modalities=default_modalities(PHANTOM_MODALITIES), target="liver", name="phantom",
         description=(f"synthetic abdominal phantoms (seed {seed}, {size} x {size}): unpaired training "
@@ -577,7 +577,7 @@ def write_phantom_dataset(
         write_volume(path, Volume(array, grid.affine, modality="CT" if contrast == "ct" else "MR"), label=label)
         files += 1
 
-    with atomic_output(out, overwrite=True, is_dir=True, command="data phantom") as staging:
+    with atomic_output(out, overwrite=True, is_dir=True, kind="dataset", command="data phantom") as staging:
         (staging / "dataset.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
         for m, name in enumerate(names):  # unpaired training: other patients for each modality
             ids = []

@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from targan_cli.errors import TarganError, UsageError
+from targan_cli.errors import TarganError
 
 try:
     import fcntl
@@ -78,16 +78,17 @@ def check_apart(output: str | Path, inputs: Iterable[str | Path]) -> None:
         if real_output == real_source or _same_file(output, source):
             raise TarganError(f"is also an input ({source}): write the output under another name", output)
         if real_output in real_source.parents:
-            raise UsageError(f"holds the input {source}: the output must lie outside every input", output)
+            raise TarganError(f"holds the input {source}: the output must lie outside every input", output)
         if real_source in real_output.parents:
-            raise UsageError(f"lies inside the input {source}: the output must lie outside every input", output)
+            raise TarganError(f"lies inside the input {source}: the output must lie outside every input", output)
 
 
-def mark_folder(folder: str | Path, command: str) -> None:
-    """Write ``MARKER`` into ``folder``: this tool made it, so --overwrite may replace it."""
+def mark_folder(folder: str | Path, command: str, kind: str) -> None:
+    """Write ``MARKER`` into ``folder``: ``command`` made it, a folder of ``kind`` (weights, dataset,
+    run, ...), so --overwrite may replace it by another of its kind."""
     from targan_cli import __version__
 
-    text = json.dumps({"made_by": "targan-cli", "command": command, "version": __version__}) + "\n"
+    text = json.dumps({"made_by": "targan-cli", "command": command, "kind": kind, "version": __version__}) + "\n"
     try:
         (Path(folder) / MARKER).write_text(text, encoding="utf-8")
     except OSError as error:
@@ -96,6 +97,15 @@ def mark_folder(folder: str | Path, command: str) -> None:
 
 def made_by_targan(folder: str | Path) -> bool:
     return (Path(folder) / MARKER).is_file()
+
+
+def _folder_kind(folder: Path) -> str | None:
+    """The kind ``MARKER`` records, or None (an unreadable or older marker)."""
+    try:
+        kind = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("kind")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
 
 
 # The kinds of file a command writes, by the names and first bytes of such files: --overwrite
@@ -140,14 +150,14 @@ def check_writable(path: str | Path, overwrite: bool, inputs: Iterable[str | Pat
     (``check_apart``); an existing output without ``overwrite``; a folder where a file is to be
     written (unless ``is_dir``) and a file where a folder is; a non-empty folder that this tool did
     not make (no ``MARKER``), even with ``overwrite``; an existing file that is not of ``kind``
-    (a key of ``KINDS``); and an output that cannot be written (the nearest existing folder above
+    (a key of ``KINDS``), or folder of another kind (as its marker says); and an output that cannot be written (the nearest existing folder above
     it is a file or not writable). An empty folder counts as absent. Creates nothing:
     ``atomic_output`` creates the missing folders when it writes, so a command that fails before
     then leaves no empty folder behind."""
     path = Path(path)
     check_apart(path, inputs)
     if is_dir:
-        _check_folder(path, overwrite)
+        _check_folder(path, overwrite, kind)
     else:
         if (path.exists() or path.is_symlink()) and not overwrite:
             raise TarganError("already exists; pass --overwrite to replace it", path)
@@ -165,7 +175,7 @@ def check_writable(path: str | Path, overwrite: bool, inputs: Iterable[str | Pat
     return path
 
 
-def _check_folder(path: Path, overwrite: bool) -> None:
+def _check_folder(path: Path, overwrite: bool, kind: str | None) -> None:
     if not (path.exists() or path.is_symlink()):
         return
     if not path.is_dir():
@@ -181,6 +191,9 @@ def _check_folder(path: Path, overwrite: bool) -> None:
                           "refusing to replace it, --overwrite or not: choose a new or empty folder", path)
     if not overwrite:
         raise TarganError("already exists; pass --overwrite to replace it", path)
+    if kind is not None and _folder_kind(path) != kind:
+        raise TarganError(f"is a {_folder_kind(path) or 'folder of unknown kind'} that targan made, not a {kind}: "
+                          f"--overwrite replaces only a {kind}; choose another folder", path)
 
 
 def _make_parent(path: Path) -> None:
@@ -311,7 +324,7 @@ def _locked(path: Path) -> Iterator[None]:
             os.close(handle)
 
 
-def _place(temporary: Path, path: Path, overwrite: bool, is_dir: bool) -> None:
+def _place(temporary: Path, path: Path, overwrite: bool, is_dir: bool, kind: str | None) -> None:
     """Move the finished ``temporary`` onto ``path``. Without ``overwrite`` a file is linked into
     place, which fails if a file appeared there meanwhile (then nothing is replaced); a folder
     replaces only an absent or empty folder, or, with ``overwrite``, one this tool made."""
@@ -332,7 +345,7 @@ def _place(temporary: Path, path: Path, overwrite: bool, is_dir: bool) -> None:
             return
         os.unlink(temporary)
         return
-    _check_folder(path, overwrite)  # still absent, empty or ours (it may have changed meanwhile)
+    _check_folder(path, overwrite, kind)  # still absent, empty or ours (it may have changed meanwhile)
     if path.is_dir() and not path.is_symlink() and any(path.iterdir()):
         previous = Path(f"{temporary}-previous")
         os.rename(path, previous)
@@ -350,7 +363,8 @@ def atomic_output(path: str | Path, overwrite: bool = False, is_dir: bool = Fals
     """Yield a temporary path next to ``path``; move it onto ``path`` when the block succeeds.
 
     With ``is_dir`` the temporary is a folder, moved into place as a whole, and marked as made by
-    ``command`` (``MARKER``) when one is given. ``kind``: see ``check_writable``.
+    ``command``, a folder of ``kind`` (``MARKER``), when a command is given. ``kind``: see
+    ``check_writable``.
     """
     path = check_writable(path, overwrite, is_dir=is_dir, kind=kind)
     _make_parent(path)
@@ -360,9 +374,9 @@ def atomic_output(path: str | Path, overwrite: bool = False, is_dir: bool = Fals
         try:
             yield temporary
             if is_dir and command is not None:
-                mark_folder(temporary, command)
+                mark_folder(temporary, command, kind or "folder")
             _public(temporary)
-            _place(temporary, path, overwrite, is_dir)
+            _place(temporary, path, overwrite, is_dir, kind)
         except Exception as error:
             mapped = None if isinstance(error, TarganError) else write_error(error, path)
             _remove(temporary)

@@ -45,13 +45,15 @@ class Weights:
 
 
 def save_model_folder(folder: str | Path, module: torch.nn.Module, config: dict[str, Any], *,
-                      tensors_file: str = WEIGHTS_FILE, overwrite: bool = False, command: str = "save_weights") -> Path:
+                      tensors_file: str = WEIGHTS_FILE, overwrite: bool = False, command: str = "save_weights",
+                      kind: str = "weights folder") -> Path:
     """Write ``module``'s tensors (float32, CPU) as safetensors and ``config`` as ``config.json``
     into ``folder`` atomically (a temporary folder renamed into place). Weights and segmenter
-    folders are both written this way; ``command`` marks the folder as made by it (``io.atomic``)."""
+    folders are both written this way, marked as made by ``command``, a folder of ``kind``
+    (``io.atomic``)."""
     tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous()
                for name, tensor in module.state_dict().items()}
-    with atomic_output(folder, overwrite=overwrite, is_dir=True, command=command) as temporary:
+    with atomic_output(folder, overwrite=overwrite, is_dir=True, kind=kind, command=command) as temporary:
         save_file(tensors, str(temporary / tensors_file), metadata={"format": "pt"})
         (temporary / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return Path(folder)

@@ -227,7 +227,7 @@ def run_demo(out: str | Path = "targan-demo", *, device: str = "auto", quick: bo
              overwrite: bool = False, progress: Callable[[DemoProgress], None] | None = None) -> DemoResult:
     """Run the demo into ``out`` (refused when it exists, unless ``overwrite``)."""
     settings = QUICK if quick else FULL
-    out = check_writable(out, overwrite, is_dir=True)  # --overwrite replaces only a demo's folder
+    out = check_writable(out, overwrite, is_dir=True, kind="demo folder")  # --overwrite replaces only a demo
     check_writable(out / REPORT, overwrite=True)
     report = progress or (lambda event: None)
     started = time.perf_counter()
@@ -245,7 +245,7 @@ def run_demo(out: str | Path = "targan-demo", *, device: str = "auto", quick: bo
                           seed=settings.seed, test_cases=settings.test_cases, overwrite=True,
                           progress=phantom_progress)
     if not made_by_targan(out):
-        mark_folder(out, "demo")
+        mark_folder(out, "demo", "demo folder")
     data = open_data_dir(out / DATA)
 
     def train_progress(event: TrainProgress) -> None:

@@ -113,7 +113,7 @@ def save_segmenter(folder: str | Path, network: ShapeController, config: Segment
                    overwrite: bool = False) -> Path:
     """Write a segmenter folder atomically (a temporary folder renamed into place)."""
     return save_model_folder(folder, network, config.to_dict(), tensors_file=SEGMENTER_FILE, overwrite=overwrite,
-                             command="train-segmenter")
+                             command="train-segmenter", kind="segmenter folder")
 
 
 def load_segmenter(folder: str | Path, device: str | torch.device = "cpu") -> Segmenter:
@@ -305,7 +305,7 @@ def train_segmenter(
             raise UsageError(f"{name} must be at least 1, got {value}")
     if not learning_rate > 0:
         raise UsageError(f"the learning rate must be positive, got {learning_rate}")
-    out = check_writable(out, overwrite, inputs=[data], is_dir=True)
+    out = check_writable(out, overwrite, inputs=[data], is_dir=True, kind="segmenter folder")
     dataset = open_data_dir(data)
     names = dataset.spec.modality_names
     if modality not in names:

@@ -180,7 +180,7 @@ def _check_run_dir(out: Path, resume: bool, overwrite: bool, data: Path) -> Path
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise TarganError("the run folder is not empty; pass --resume to continue its run or --overwrite "
                           "to start over", out)
-    check_writable(out, overwrite=True, is_dir=True)  # refuses a non-empty folder that targan did not make
+    check_writable(out, overwrite=True, is_dir=True, kind="run folder")  # a folder no run made is never emptied
     check_writable(last, overwrite=True)  # the run folder, or where it will be, is writable
     return None
 
@@ -592,7 +592,7 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
     samples = _Samples(held_out) if main and sample_every else None
     (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     if main and not made_by_targan(out):
-        mark_folder(out, "train")
+        mark_folder(out, "train", "run folder")
     last_checkpoint = out / CHECKPOINTS / LAST_CHECKPOINT
     saved_step = step if resumed_from is not None else None
     losses: dict[str, float] = {}

@@ -37,7 +37,7 @@ from targan_cli.config import IntensitySettings, default_modalities
 from targan_cli.core.device import check_precision, pick_device
 from targan_cli.data.dataset import IMAGES, SPLITS, open_data_dir
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import atomic_output, check_apart, local_paths
+from targan_cli.io.atomic import atomic_output, check_apart, local_paths, made_by_targan, mark_folder
 from targan_cli.io.volume import (NIFTI_SUFFIXES, case_id, list_volumes, read_label, read_volume,
                                   write_volume)
 from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights
@@ -284,6 +284,8 @@ def _prepare_folder(folder: Path, settings: dict[str, Any], clear: bool) -> None
             raise TarganError(f"cannot create: {error.strerror or error}", folder / sub) from None
     _remove_temporaries(folder)
     _write_json(folder / SETTINGS_FILE, settings)
+    if not made_by_targan(folder):
+        mark_folder(folder, "enrich", "nnU-Net dataset")
 
 
 # ----------------------------------------------------------------------------- provenance

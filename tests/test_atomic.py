@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from targan_cli.errors import TarganError
-from targan_cli.io.atomic import atomic_output
+from targan_cli.io.atomic import MARKER, atomic_output, mark_folder
 
 
 def test_success_renames_into_place_with_ordinary_permissions(tmp_path):
@@ -57,9 +57,10 @@ def test_folders_are_replaced_whole(tmp_path):
     target = tmp_path / "weights"
     target.mkdir()
     (target / "old.txt").write_text("old")
-    with atomic_output(target, overwrite=True, is_dir=True) as temporary:
+    mark_folder(target, "test", "folder")  # made by targan: --overwrite may replace it
+    with atomic_output(target, overwrite=True, is_dir=True, command="test") as temporary:
         (temporary / "new.txt").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["weights"]
 
 

@@ -47,7 +47,7 @@ def test_convert_then_info(official_checkpoint, tmp_path):
     result = runner.invoke(app, ["convert", str(official_checkpoint), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "33,750,656 parameters" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".targan.json", "config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert [m["name"] for m in config["modalities"]] == ["t1w", "t2w", "ct"]
     assert config["modalities"][0]["intensity"]["scaling"] == "official_slice"

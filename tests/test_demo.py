@@ -78,7 +78,7 @@ def test_an_existing_demo_is_kept_without_overwrite(demo, tmp_path):
     other.mkdir()
     (other / "thesis.tex").write_text("precious")
     result = CliRunner().invoke(app, ["demo", "--out", str(other), "--quick", "--overwrite"])
-    assert result.exit_code == 1 and "not a demo folder" in result.stderr
+    assert result.exit_code == 1 and "targan did not make it" in result.stderr
     assert (other / "thesis.tex").read_text() == "precious"
     a_file = tmp_path / "notes.txt"
     a_file.write_text("precious")

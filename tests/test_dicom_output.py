@@ -323,7 +323,7 @@ def test_overwrite_replaces_only_a_series_this_tool_wrote(tmp_path: Path, weight
     assert len(first) == len(second) == 1 and first != second
     (tmp_path / "out" / "report.pdf").write_bytes(b"%PDF")
     result = _invoke(*arguments, "--overwrite")
-    assert result.exit_code == 1 and "holds files this tool did not write (report.pdf)" in result.output
+    assert result.exit_code == 1 and "targan did not make it" in result.output
     assert (tmp_path / "out" / "report.pdf").exists()
 
 

@@ -74,8 +74,8 @@ def test_bad_targets_are_refused():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"image_size": 100}, "not divisible"),
-    ({"base_width": 0}, "positive integer"),
-    ({"num_modalities": 1}, "at least 2"),
+    ({"base_width": 0}, "base_width must be an integer from 1 to 4096, got 0"),
+    ({"num_modalities": 1}, "num_modalities must be an integer from 2 to"),
 ])
 def test_config_validation_names_the_value(overrides, message):
     with pytest.raises(TarganError, match=message):

@@ -247,7 +247,7 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"not a dataset")
-    with pytest.raises(TarganError, match="no dataset.json") as error:
+    with pytest.raises(TarganError, match=r"holds no \.targan\.json") as error:
         write_phantom_dataset(foreign, overwrite=True, **options)
     assert error.value.path == foreign and (foreign / "holiday.jpg").exists()
     a_file = tmp_path / "file.txt"

@@ -17,6 +17,7 @@ from targan_cli.cli import app
 from targan_cli.config import IntensitySettings
 from targan_cli.data.phantom import write_phantom_dataset
 from targan_cli.errors import TarganError
+from targan_cli.io.atomic import MARKER
 from targan_cli.io.volume import read_volume, to_slices
 from targan_cli.workflows.segment import (
     CONFIG_FILE,
@@ -53,7 +54,7 @@ def t1w_segmenter(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_training_writes_a_strict_segmenter_folder_with_its_settings(data: Path, t1w_segmenter: Path) -> None:
-    assert sorted(p.name for p in t1w_segmenter.iterdir()) == [CONFIG_FILE, SEGMENTER_FILE]
+    assert sorted(p.name for p in t1w_segmenter.iterdir()) == [MARKER, CONFIG_FILE, SEGMENTER_FILE]
     config = json.loads((t1w_segmenter / CONFIG_FILE).read_text())
     assert (config["modality"], config["image_size"], config["width"], config["depth"]) == ("t1w", 32, 4, 3)
     assert config["intensity"]["kind"] == "mr"
@@ -100,7 +101,7 @@ def test_save_then_load_gives_the_same_logits(tmp_path: Path) -> None:
 def test_save_refuses_an_existing_folder_unless_overwrite(tmp_path: Path) -> None:
     config = SegmenterConfig("ct", IntensitySettings(kind="ct"), image_size=16, width=4, depth=3)
     folder = save_segmenter(tmp_path / "seg", build_network(config), config)
-    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, SEGMENTER_FILE]
+    assert sorted(p.name for p in folder.iterdir()) == [MARKER, CONFIG_FILE, SEGMENTER_FILE]
     wider = dataclasses.replace(config, width=8)
     with pytest.raises(TarganError, match="already exists"):
         save_segmenter(folder, build_network(wider), wider)

@@ -312,7 +312,7 @@ def test_a_folder_is_split_into_deterministic_parts(tmp_path: Path, weights: Pat
 def test_a_folder_refuses_existing_outputs_per_file(tmp_path: Path, weights: Path, ct_canonical: np.ndarray) -> None:
     cases = _case_folder(tmp_path / "cases", ct_canonical)
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "b.nii.gz").write_bytes(b"old")
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4)), tmp_path / "out" / "b.nii.gz")  # an old result
     with pytest.raises(TarganError, match="already exists; pass --overwrite") as caught:
         translate(cases, tmp_path / "out", to="t2w", source="ct", weights=weights, device="cpu")
     assert caught.value.path == tmp_path / "out" / "b.nii.gz"
@@ -359,10 +359,11 @@ def test_an_existing_output_is_refused_without_overwrite(tmp_path: Path, weights
                                                           ct_canonical: np.ndarray) -> None:
     source = _ct_file(tmp_path, ct_canonical)
     output = tmp_path / "out.nii.gz"
-    output.write_bytes(b"old")
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4)), output)  # an old result
+    old = output.read_bytes()
     with pytest.raises(TarganError, match="already exists; pass --overwrite"):
         translate(source, output, to="t2w", source="ct", weights=weights, device="cpu")
-    assert output.read_bytes() == b"old"
+    assert output.read_bytes() == old
     translate(source, output, to="t2w", source="ct", weights=weights, device="cpu", overwrite=True)
     assert nib.load(output).shape == nib.load(source).shape
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import targan_cli
 from targan_cli.errors import TarganError
+from targan_cli.io.atomic import MARKER
 from targan_cli.io.weights import (CONFIG_FILE, WEIGHTS_ENV, WEIGHTS_FILE, load_weights, read_weights_config,
                                    resolve_weights, save_model_folder, save_weights)
 from weights_factories import cache_hub_repo, make_tiny_weights, tiny_generator, use_offline_hub_cache
@@ -96,7 +97,7 @@ def test_save_refuses_an_existing_folder_without_overwrite(weights_folder: Path)
 def test_save_model_folder_writes_float32_tensors_and_config_atomically(tmp_path: Path) -> None:
     module = torch.nn.Linear(3, 2).double()
     folder = save_model_folder(tmp_path / "model", module, {"width": 3}, tensors_file="net.safetensors")
-    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, "net.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [MARKER, CONFIG_FILE, "net.safetensors"]
     assert json.loads((folder / CONFIG_FILE).read_text()) == {"width": 3}
     tensors = load_file(str(folder / "net.safetensors"))
     assert set(tensors) == {"weight", "bias"} and all(t.dtype == torch.float32 for t in tensors.values())

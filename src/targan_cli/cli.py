@@ -60,7 +60,9 @@ def handles_errors(function: Callable) -> Callable:
     """Set up the process for fast CPU math, then run the command; turn TarganError into one line
     on stderr and its exit code, running out of memory into one line and exit code 1, Ctrl-C into
     exit code 130, SIGTERM and SIGHUP into 128 + the signal's number, each after the command's
-    temporary outputs are removed."""
+    temporary outputs are removed. An OS error no command turned into a TarganError (a file or
+    folder it may not read) is one line naming the path. Path options are not checked by Click
+    (``readable=False``): a usage box would not name the problem as the commands do."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -82,6 +84,10 @@ def handles_errors(function: Callable) -> Callable:
             detail = f" ({error})" if str(error) else ""
             print_error(f"out of memory{detail}; use smaller inputs, a smaller --batch-size or a machine "
                         "with more memory")
+            raise typer.Exit(1) from None
+        except OSError as error:  # a path the command could not read or search (permissions), named
+            where = f"{error.filename}: " if error.filename else ""
+            print_error(f"{where}{error.strerror or error}")
             raise typer.Exit(1) from None
         except Terminated as stop:
             print_error(f"terminated by {signal.Signals(stop.signum).name}")
@@ -110,8 +116,8 @@ def _root(
 @app.command()
 @handles_errors
 def convert(
-    checkpoint: Annotated[Path, typer.Argument(help="Official TarGAN generator state dict (netG_*.pkl or EMA netG_use_*.pkl).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Weights folder to write.")],
+    checkpoint: Annotated[Path, typer.Argument(readable=False, help="Official TarGAN generator state dict (netG_*.pkl or EMA netG_use_*.pkl).")],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Weights folder to write.")],
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Convert an official TarGAN generator checkpoint into a weights folder (loaded with weights_only=True)."""
@@ -139,11 +145,11 @@ def info(
 @app.command()
 @handles_errors
 def translate(
-    input: Annotated[Path, typer.Argument(
+    input: Annotated[Path, typer.Argument(readable=False,
         help="A NIfTI file, a DICOM series folder or DICOMDIR, or a folder of NIfTI files and DICOM series folders.")],
     to: Annotated[str, typer.Option("--to", help="Target modality, a name from the weights (e.g. ct, t1w, t2w).")],
     output: Annotated[Path, typer.Option(
-        "--output", "-o", help="The output NIfTI file (.nii.gz) or DICOM series folder, or a folder for a folder input.")],
+        "--output", "-o", readable=False, help="The output NIfTI file (.nii.gz) or DICOM series folder, or a folder for a folder input.")],
     source: Annotated[Optional[str], typer.Option(
         "--from", help="The input's modality. Default: from the DICOM Modality tag, or the weights' "
                        "only modality other than --to.")] = None,
@@ -153,7 +159,7 @@ def translate(
     precision: PrecisionOpt = "fp32",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per generator batch.")] = 16,
     preview: Annotated[Optional[Path], typer.Option(
-        "--preview", help="Also write a PNG of 4 slices, input beside output (single volumes).")] = None,
+        "--preview", readable=False, help="Also write a PNG of 4 slices, input beside output (single volumes).")] = None,
     num_parts: Annotated[int, typer.Option("--num-parts", help="Split a folder input into this many parts.")] = 1,
     part_id: Annotated[int, typer.Option(
         "--part-id", help="The part to run: the sorted files \\[part_id::num_parts].")] = 0,
@@ -197,18 +203,18 @@ def translate(
 @handles_errors
 def enrich(
     input: Annotated[Path, typer.Argument(
-        help="Folder of NIfTI volumes of one modality, or a DATA folder's <split>/<modality> (labels found there).")],
+        readable=False, help="Folder of NIfTI volumes of one modality, or a DATA folder's <split>/<modality> (labels found there).")],
     source: Annotated[Optional[str], typer.Option(
         "--from", help="The input's modality (default: the DATA folder's modality folder name).")] = None,
     output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="nnU-Net's raw folder (default: $nnUNet_raw).")] = None,
+        "--output", "-o", readable=False, help="nnU-Net's raw folder (default: $nnUNet_raw).")] = None,
     weights: WeightsOpt = None,
     revision: RevisionOpt = None,
     dataset_id: Annotated[int, typer.Option("--dataset-id", help="nnU-Net dataset id, 1 to 999.")] = 501,
     name: Annotated[Optional[str], typer.Option(
         "--name", help="Dataset name (letters, digits, _). Default: Liver<FROM>Enriched, or Liver<FROM>.")] = None,
     labels: Annotated[Optional[Path], typer.Option(
-        "--labels", help="Folder of <case>.nii.gz liver masks; cases without one go to imagesTs.")] = None,
+        "--labels", readable=False, help="Folder of <case>.nii.gz liver masks; cases without one go to imagesTs.")] = None,
     targets: Annotated[Optional[list[str]], typer.Option(
         "--to", help="A synthetic modality to add (repeat; default: every other modality of the weights).")] = None,
     single_channel: Annotated[bool, typer.Option(
@@ -236,8 +242,8 @@ def enrich(
 @app.command()
 @handles_errors
 def train(
-    data: Annotated[Path, typer.Option("--data", help="DATA folder (from `targan data phantom` or `targan data import-chaos`).")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. Default: runs/<data folder name>.")] = None,
+    data: Annotated[Path, typer.Option("--data", readable=False, help="DATA folder (from `targan data phantom` or `targan data import-chaos`).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", readable=False, help="Run folder. Default: runs/<data folder name>.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training slices.")] = 50,
     preset: Annotated[str, typer.Option("--preset", help="Network size: paper (official), small or tiny.")] = "paper",
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Slice size. Default: the preset's (paper 256).")] = None,
@@ -321,25 +327,25 @@ def evaluate(
     metric: Annotated[list[str], typer.Option(
         "--metric", "-m", help="fid, sscore, psnr, ssim, mae (with --data, --weights) or dice, ravd (with --pred, "
                                "--truth); repeat or separate with commas.")],
-    data: Annotated[Optional[Path], typer.Option("--data", help="DATA folder whose test split is translated.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", readable=False, help="DATA folder whose test split is translated.")] = None,
     weights: Annotated[Optional[list[str]], typer.Option(
         "--weights", "-w", help="Weights folder or Hub repo id; repeat to compare models side by side. "
                                 "Default: $TARGAN_WEIGHTS, then the built-in repo.")] = None,
     segmenters: Annotated[Optional[Path], typer.Option(
-        "--segmenters", help="sscore: folder with one segmenter per modality, DIR/<modality>/ "
+        "--segmenters", readable=False, help="sscore: folder with one segmenter per modality, DIR/<modality>/ "
                              "(targan train-segmenter).")] = None,
     fid_features: Annotated[Optional[Path], typer.Option(
-        "--fid-features", help="fid: module mapping (N, 1, H, W) slices in [-1, 1] to (N, D) features: "
+        "--fid-features", readable=False, help="fid: module mapping (N, 1, H, W) slices in [-1, 1] to (N, D) features: "
                                "a torch.export program FILE.pt2 (dynamic batch) or a TorchScript file. "
                                "Default: Inception-v3 (needs torch-fidelity).")] = None,
     inception_weights: Annotated[Optional[Path], typer.Option(
-        "--inception-weights", help="fid: local Inception-v3 FID weights file (offline use).")] = None,
+        "--inception-weights", readable=False, help="fid: local Inception-v3 FID weights file (offline use).")] = None,
     pred: Annotated[Optional[list[Path]], typer.Option(
-        "--pred", help="dice, ravd: folder of predicted masks <case>.nii.gz; repeat to compare.")] = None,
-    truth: Annotated[Optional[Path], typer.Option("--truth", help="dice, ravd: folder of ground-truth masks.")] = None,
+        "--pred", readable=False, help="dice, ravd: folder of predicted masks <case>.nii.gz; repeat to compare.")] = None,
+    truth: Annotated[Optional[Path], typer.Option("--truth", readable=False, help="dice, ravd: folder of ground-truth masks.")] = None,
     split: Annotated[str, typer.Option("--split", help="Dataset split to evaluate: test or train.")] = "test",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every value and the settings as JSON.")] = None,
-    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write every per-volume value as CSV.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", readable=False, help="Write every value and the settings as JSON.")] = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", readable=False, help="Write every per-volume value as CSV.")] = None,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per generator batch.")] = 16,
     overwrite: OverwriteOpt = False,
@@ -367,9 +373,9 @@ def evaluate(
 @app.command("train-segmenter")
 @handles_errors
 def train_segmenter(
-    data: Annotated[Path, typer.Option("--data", help="DATA folder; the labelled training cases of --modality are used.")],
+    data: Annotated[Path, typer.Option("--data", readable=False, help="DATA folder; the labelled training cases of --modality are used.")],
     modality: Annotated[str, typer.Option("--modality", help="The modality to segment, a name from the dataset.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Segmenter folder to write (e.g. segmenters/<modality>).")],
+    out: Annotated[Path, typer.Option("--out", "-o", readable=False, help="Segmenter folder to write (e.g. segmenters/<modality>).")],
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training slices.")] = 20,
     image_size: Annotated[Optional[int], typer.Option(
         "--image-size", help="Slice size the U-Net works at. Default: the training volumes' in-plane "
@@ -401,9 +407,9 @@ def train_segmenter(
 @app.command()
 @handles_errors
 def segment(
-    input: Annotated[Path, typer.Argument(help="A NIfTI file or a DICOM series folder.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The liver mask to write (.nii.gz, uint8).")],
-    segmenter: Annotated[Path, typer.Option("--segmenter", help="Segmenter folder (targan train-segmenter).")],
+    input: Annotated[Path, typer.Argument(readable=False, help="A NIfTI file or a DICOM series folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="The liver mask to write (.nii.gz, uint8).")],
+    segmenter: Annotated[Path, typer.Option("--segmenter", readable=False, help="Segmenter folder (targan train-segmenter).")],
     source: Annotated[Optional[str], typer.Option(
         "--from", help="The input's modality; must be the segmenter's. Default: trust the segmenter.")] = None,
     device: DeviceOpt = "auto",
@@ -423,7 +429,7 @@ def segment(
 @app.command()
 @handles_errors
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes.")] = Path("targan-demo"),
+    out: Annotated[Path, typer.Option("--out", "-o", readable=False, help="Folder for everything the demo writes.")] = Path("targan-demo"),
     device: DeviceOpt = "auto",
     quick: Annotated[bool, typer.Option("--quick", help="A seconds-long smoke run (tiny data, a few steps).")] = False,
     overwrite: OverwriteOpt = False,
@@ -450,7 +456,7 @@ def demo(
 @data_app.command("phantom")
 @handles_errors
 def data_phantom(
-    out: Annotated[Path, typer.Argument(help="Folder to write the phantom dataset into.")],
+    out: Annotated[Path, typer.Argument(readable=False, help="Folder to write the phantom dataset into.")],
     cases: Annotated[int, typer.Option(help="Training cases per modality (each a different anatomy).")] = 6,
     test_cases: Annotated[int, typer.Option(help="Test cases, rendered in every modality (paired/).")] = 2,
     size: Annotated[int, typer.Option(help="In-plane size in voxels (field of view about 380 mm).")] = 64,
@@ -472,8 +478,8 @@ def data_phantom(
 @data_app.command("import-chaos")
 @handles_errors
 def data_import_chaos(
-    chaos_dir: Annotated[Path, typer.Argument(help="The unzipped CHAOS 2019 training archive (holding Train_Sets, or Train_Sets itself).")],
-    out: Annotated[Path, typer.Argument(help="Folder to write the dataset into (DATA layout).")],
+    chaos_dir: Annotated[Path, typer.Argument(readable=False, help="The unzipped CHAOS 2019 training archive (holding Train_Sets, or Train_Sets itself).")],
+    out: Annotated[Path, typer.Argument(readable=False, help="Folder to write the dataset into (DATA layout).")],
     test_fraction: Annotated[float, typer.Option(help="Fraction of patients per modality kept for testing.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of the split by patient.")] = 0,
     overwrite: OverwriteOpt = False,

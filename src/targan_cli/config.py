@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,37 @@ def _checked_fields(cls, data: Any, where: str) -> dict[str, Any]:
     if missing:
         raise TarganError(f"{where} lacks the field(s) {', '.join(missing)}")
     return dict(data)
+
+
+# Bounds of what a config may ask for: a config.json is untrusted input, and a network built from
+# absurd numbers would exhaust the memory before any check of its tensors. About 4x the paper's.
+MAX_MODALITIES = 32
+MAX_IMAGE_SIZE = 2048
+MAX_LEVELS = 12
+MAX_CHANNELS = 4096  # of a network's widest layer (the paper's: 2048, in the discriminators)
+MAX_INTENSITY = 1e6  # |HU| or MR units of any intensity setting
+
+
+def check_integer(where: str, name: str, value: Any, low: int, high: int) -> int:
+    """``value`` if it is an integer (not a bool) in [low, high]; else a one-line error naming it."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise TarganError(f"{where}: {name} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def check_number(where: str, name: str, value: Any, low: float, high: float, *, above_low: bool = False) -> float:
+    """``value`` if it is a finite number (not a bool) in [low, high] (above ``low`` if ``above_low``)."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or not low <= value <= high or above_low and value == low):
+        bounds = f"({low:g}, {high:g}]" if above_low else f"[{low:g}, {high:g}]"
+        raise TarganError(f"{where}: {name} must be a finite number in {bounds}, got {value!r}")
+    return value
+
+
+def check_widest(where: str, name: str, width: int, levels: int) -> None:
+    """Refuse a network whose widest layer, ``width * 2 ** levels`` channels, passes MAX_CHANNELS."""
+    if width * 2 ** levels > MAX_CHANNELS:
+        raise TarganError(f"{where}: {name} reaches {width * 2 ** levels} channels, more than {MAX_CHANNELS}")
 
 
 def _from_dict(cls, data: Any, where: str):
@@ -60,13 +92,15 @@ class ModelConfig:
     shape_depth: int = 5  # blocks on the shape controller's contracting path
 
     def __post_init__(self) -> None:
-        for name in ("num_modalities", "image_size", "base_width", "encoder_depth",
-                     "shared_depth", "disc_width", "disc_depth", "shape_width", "shape_depth"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise TarganError(f"model config: {name} must be a positive integer, got {value!r}")
-        if self.num_modalities < 2:
-            raise TarganError("model config: num_modalities must be at least 2")
+        for name, low, high in (("num_modalities", 2, MAX_MODALITIES), ("image_size", 1, MAX_IMAGE_SIZE),
+                                ("base_width", 1, MAX_CHANNELS), ("encoder_depth", 1, MAX_LEVELS),
+                                ("shared_depth", 1, MAX_LEVELS), ("disc_width", 1, MAX_CHANNELS),
+                                ("disc_depth", 1, MAX_LEVELS), ("shape_width", 1, MAX_CHANNELS),
+                                ("shape_depth", 1, MAX_LEVELS)):
+            check_integer("model config", name, getattr(self, name), low, high)
+        check_widest("model config", "the generator (base_width)", self.base_width, self.generator_levels - 1)
+        check_widest("model config", "the discriminator (disc_width)", self.disc_width, self.disc_depth - 1)
+        check_widest("model config", "the shape controller (shape_width)", self.shape_width, self.shape_depth - 1)
         for name, levels in (("generator", self.generator_levels),
                              ("discriminator", self.disc_depth),
                              ("shape controller", self.shape_depth - 1)):
@@ -125,16 +159,17 @@ class IntensitySettings:
     reference_high: float | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ct", "mr"):
+        if not isinstance(self.kind, str) or self.kind not in ("ct", "mr"):
             raise TarganError(f"intensity kind must be 'ct' or 'mr', got {self.kind!r}")
-        if self.scaling not in ("volume", "official_slice"):
+        if not isinstance(self.scaling, str) or self.scaling not in ("volume", "official_slice"):
             raise TarganError(f"intensity scaling must be 'volume' or 'official_slice', got {self.scaling!r}")
-        if not self.window_width > 0:
-            raise TarganError(f"CT window width must be positive, got {self.window_width}")
-        if not 50.0 <= self.percentile <= 100.0:
-            raise TarganError(f"MR percentile must be within [50, 100], got {self.percentile}")
-        if self.reference_high is not None and not self.reference_high > 0:
-            raise TarganError(f"MR reference_high must be positive, got {self.reference_high}")
+        where = "intensity settings"
+        check_number(where, "window_level", self.window_level, -MAX_INTENSITY, MAX_INTENSITY)
+        check_number(where, "window_width (CT)", self.window_width, 0.0, MAX_INTENSITY, above_low=True)
+        check_number(where, "percentile (MR)", self.percentile, 50.0, 100.0)
+        check_number(where, "noise_floor", self.noise_floor, -MAX_INTENSITY, MAX_INTENSITY)
+        if self.reference_high is not None:
+            check_number(where, "reference_high (MR)", self.reference_high, 0.0, MAX_INTENSITY, above_low=True)
 
     @property
     def window(self) -> tuple[float, float]:
@@ -164,7 +199,8 @@ class ModalitySpec:
     def from_dict(cls, data: dict[str, Any]) -> ModalitySpec:
         fields = _checked_fields(cls, data, "modality")
         name = fields["name"]
-        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+        if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".")
+                or not name.isprintable()):
             raise TarganError(f"modality name must be a plain non-empty name, got {name!r}")
         return cls(name=name, intensity=IntensitySettings.from_dict(fields["intensity"]))
 
@@ -210,6 +246,8 @@ class WeightsConfig:
 
     def __post_init__(self) -> None:
         _check_modalities(self.modalities, "weights config")
+        if not (self.preset is None or isinstance(self.preset, str)) or not isinstance(self.target, str):
+            raise TarganError("weights config: preset and target must be text")
         if len(self.modalities) != self.model.num_modalities:
             raise TarganError(
                 f"weights config lists {len(self.modalities)} modalities but the model has "
@@ -305,7 +343,9 @@ def read_json(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TarganError("file not found", path) from None
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
+        raise TarganError(f"cannot read: {error.strerror or error}", path) from None
+    except UnicodeDecodeError as error:
         raise TarganError(f"cannot read: {error}", path) from None
     try:
         data = json.loads(text)

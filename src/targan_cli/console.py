@@ -20,19 +20,25 @@ console = Console(soft_wrap=True)
 error_console = Console(stderr=True)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (a newline or escape sequence in a file or modality name)
+    written as escapes, ``\\n``: one message stays one line and cannot move the cursor."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def strong(value: Any) -> str:
     """``value`` in bold, its text shown as it is: a path may hold square brackets, which Rich
     would otherwise read as markup (and drop, or fail on)."""
-    return f"[bold]{escape(str(value))}[/]"
+    return f"[bold]{escape(printable(str(value)))}[/]"
 
 
 def print_error(message: str) -> None:
     """One line on stderr, no traceback; ``message`` is plain text, not markup."""
-    error_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    error_console.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
 
 
 def print_warning(message: str) -> None:
-    error_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    error_console.print(f"[yellow]warning:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ discriminator calls, fp32, default memory format); a test holds the two to the s
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -54,10 +55,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name.startswith("lambda_") and not value >= 0:
-                raise ValueError(f"{field.name} must be >= 0, got {value}")
-        if not (self.lr_g > 0 and self.lr_d > 0):
-            raise ValueError(f"learning rates must be positive, got lr_g={self.lr_g}, lr_d={self.lr_d}")
+            if field.name.startswith("lambda_") and not 0 <= value < math.inf:
+                raise ValueError(f"{field.name} must be finite and >= 0, got {value}")
+        if not (0 < self.lr_g < math.inf and 0 < self.lr_d < math.inf):
+            raise ValueError(f"learning rates must be positive and finite, got lr_g={self.lr_g}, lr_d={self.lr_d}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.flip_probability <= 1:

@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from targan_cli.config import DatasetSpec, default_modalities
 from targan_cli.data.dataset import DATASET_JSON, IMAGES, LABELS
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import atomic_output, check_replaceable_folder
+from targan_cli.io.atomic import atomic_output, check_writable
 from targan_cli.io.dicom import read_dicom_series
 from targan_cli.io.volume import write_volume
 
@@ -154,11 +154,7 @@ def import_chaos(chaos_dir: str | Path, out: str | Path, test_fraction: float = 
         raise UsageError(f"test fraction must be in [0, 1), got {test_fraction}")
     out = Path(out)
     series = find_chaos_series(chaos_dir)
-    source = Path(chaos_dir).resolve()
-    target = out.resolve()
-    if target == source or target in source.parents or source in target.parents:
-        raise UsageError(f"the output folder must lie outside the CHAOS folder {source}", out)
-    check_replaceable_folder(out, overwrite, DATASET_JSON)
+    check_writable(out, overwrite, inputs=[chaos_dir], is_dir=True, kind="dataset")
 
     split_of: dict[tuple[str, str], str] = {}
     patients: dict[str, dict[str, tuple[str, ...]]] = {"train": {}, "test": {}}
@@ -172,7 +168,7 @@ def import_chaos(chaos_dir: str | Path, out: str | Path, test_fraction: float = 
                        description=CHAOS_DESCRIPTION)
     cases: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
     slices = 0
-    with atomic_output(out, overwrite=True, is_dir=True) as temporary:
+    with atomic_output(out, overwrite=True, is_dir=True, kind="dataset", command="data import-chaos") as temporary:
         (temporary / DATASET_JSON).write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
         for item in series:
             split = split_of[(item.group, item.patient)]

@@ -260,7 +260,8 @@ def load_slices(data: DataDir, split: str, image_size: int, cache_dir: Path | No
             with _exclusive(cache_root):
                 cached = _open_cache(folder, digest)  # another process may have built it meanwhile
                 if cached is None:
-                    with atomic_output(folder, overwrite=folder.exists(), is_dir=True) as temporary:
+                    with atomic_output(folder, overwrite=folder.exists(), is_dir=True, kind="slice cache",
+                                       command="train") as temporary:
                         _build_cache(temporary, data, cases, image_size, digest, progress)
                     cached = _open_cache(folder, digest)
                     if cached is None:

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from targan_cli.config import DatasetSpec, default_modalities, read_json
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import atomic_output, check_replaceable_folder
+from targan_cli.io.atomic import atomic_output, check_writable
 from targan_cli.io.montage import save_montage
 from targan_cli.io.volume import Volume, read_volume, to_slices, write_volume
 
@@ -556,10 +556,10 @@ def write_phantom_dataset(
     imaged in every modality, with ``paired/`` renderings on each modality's grid. ``size`` is the
     in-plane matrix; ``slices`` the CT slice count (default ``default_slices(size)``; MR gets half).
     The folder is built beside ``out`` and moved into place when complete. An existing non-empty
-    ``out`` is replaced only with ``overwrite`` and only if it is a dataset (has dataset.json).
+    ``out`` is replaced only with ``overwrite`` and only if this tool made it (``io.atomic.check_writable``).
     """
     _check_options(cases, size, slices, seed, test_cases)
-    out = check_replaceable_folder(out, overwrite, "dataset.json")
+    out = check_writable(out, overwrite, is_dir=True, kind="dataset")
     spec = DatasetSpec(
         modalities=default_modalities(PHANTOM_MODALITIES), target="liver", name="phantom",
         description=(f"synthetic abdominal phantoms (seed {seed}, {size} x {size}): unpaired training "
@@ -577,7 +577,7 @@ def write_phantom_dataset(
         write_volume(path, Volume(array, grid.affine, modality="CT" if contrast == "ct" else "MR"), label=label)
         files += 1
 
-    with atomic_output(out, overwrite=True, is_dir=True) as staging:
+    with atomic_output(out, overwrite=True, is_dir=True, kind="dataset", command="data phantom") as staging:
         (staging / "dataset.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
         for m, name in enumerate(names):  # unpaired training: other patients for each modality
             ids = []

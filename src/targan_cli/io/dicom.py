@@ -468,6 +468,8 @@ _IMAGE_TYPE_VALUE_3 = {"CT": "AXIAL", "MR": "OTHER"}
 _UINT16_MAX = int(np.iinfo(np.uint16).max)
 _LONG_STRING_MAX = 64  # LO: SeriesDescription
 _SLICE_NAME = re.compile(r"IM\d{5}\.dcm")  # the files write_dicom makes
+SERIES_KIND = "DICOM series"  # the kind of folder write_dicom makes
+_MANUFACTURER = "targan-cli"  # in every file write_dicom makes: how check_series_folder knows them
 # "Source image for image processing operation" (DICOM CID 7202).
 _SOURCE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
 
@@ -559,19 +561,28 @@ def _slice_name(index: int) -> str:
     return f"IM{index + 1:05d}.dcm"
 
 
+def _written_here(folder: Path) -> bool:
+    """Whether ``folder`` holds only a series ``write_dicom`` wrote: slice files by its names, each
+    one made by targan (its Manufacturer). A DICOM folder carries no marker file, which PACS tools
+    would take for a broken instance, so this is how --overwrite knows it."""
+    entries = list(folder.iterdir())
+    if not all(_SLICE_NAME.fullmatch(entry.name) and entry.is_file() for entry in entries):
+        return False
+    try:
+        return all(pydicom.dcmread(entry, stop_before_pixels=True).get("Manufacturer") == _MANUFACTURER
+                   for entry in entries)
+    except (OSError, pydicom.errors.InvalidDicomError, ValueError):
+        return False
+
+
 def check_series_folder(folder: str | Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> Path:
     """Refuse, before any work, a DICOM output folder that may not be written: what ``check_writable``
-    refuses, and (even with ``overwrite``) a folder holding anything but the slice files this
-    writer makes, so that --overwrite never deletes someone else's files."""
-    folder = check_writable(folder, overwrite, inputs, is_dir=True)
-    if folder.is_dir():
-        foreign = sorted(p.name for p in folder.iterdir() if not _SLICE_NAME.fullmatch(p.name) or not p.is_file())
-        if foreign:
-            raise TarganError(f"holds files this tool did not write ({', '.join(foreign[:3])}"
-                              f"{', ...' if len(foreign) > 3 else ''}); refusing to replace it, choose a new "
-                              "or empty folder", folder)
-    elif folder.exists():
+    refuses, which (even with ``overwrite``) includes a folder holding anything but a series this
+    writer made, so that --overwrite never deletes someone else's files."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
         raise TarganError("exists and is not a folder; a DICOM series is written as a folder", folder)
+    folder = check_writable(folder, overwrite, inputs, is_dir=True, kind=SERIES_KIND, ours=_written_here)
     return folder
 
 
@@ -604,7 +615,7 @@ def write_dicom(folder: str | Path, volume: Volume, *, source: DicomSeries | Non
     quantised = quantise(array)
     low, high = window if window is not None else (float(array.min()), float(array.max()))
     series = _series_attributes(template, modality, description, software, quantised, (low, high))
-    with atomic_output(folder, overwrite=overwrite, is_dir=True) as temporary:
+    with atomic_output(folder, overwrite=overwrite, is_dir=True, kind=SERIES_KIND, ours=_written_here) as temporary:
         for index, slice_geometry in enumerate(geometry):
             dataset = _slice_dataset(series, slice_geometry, quantised.stored[:, :, index].T, index,
                                      source.datasets[index] if source is not None else None)
@@ -651,7 +662,7 @@ def _series_attributes(template: pydicom.Dataset | None, modality: str, descript
         setattr(series, keyword, template.get(keyword, "") if template is not None else "")
     series.SeriesDescription = description[:_LONG_STRING_MAX]
     series.DerivationDescription = description
-    series.Manufacturer = "targan-cli"
+    series.Manufacturer = _MANUFACTURER
     series.SoftwareVersions = software
     series.BurnedInAnnotation = "NO"
     if template is not None and str(template.get("LossyImageCompression", "")) == "01":

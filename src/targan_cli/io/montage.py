@@ -150,6 +150,6 @@ def save_montage(path: str | Path, rows: Sequence[Sequence[np.ndarray]], row_lab
     image = render_montage(rows, row_labels, column_labels, column_windows=column_windows,
                            row_windows=row_windows, outlines=outlines, outline_colour=outline_colour,
                            tile_size=tile_size)
-    with atomic_output(path, overwrite=overwrite) as temporary:
+    with atomic_output(path, overwrite=overwrite, kind="png") as temporary:
         image.save(temporary, format="PNG")
     return path

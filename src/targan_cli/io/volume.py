@@ -7,6 +7,7 @@ voxel order into the one orientation the model sees, ``from_slices`` turns model
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,9 @@ CANONICAL_AXCODES = ("S", "P", "L")
 # its declared data cannot hold it.
 _MAX_DEFLATE_RATIO = 1032
 _INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
+# A slice is padded to a square for the networks: at most this many bytes (float32) per slice,
+# 16384 x 16384. An absurd shape (1 x 200000 x 1) is refused before the square is allocated.
+_MAX_SLICE_BYTES = 1 << 30
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # nibabel logs the header fixes it makes on load ("pixdim[1,2,3] should be non-zero; setting 0
 # dims to 1") to stderr. (Its own LoggingOutputSuppressor removes the handler, and Python's
@@ -111,10 +115,12 @@ def list_volumes(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise TarganError("not a folder" if folder.exists() else "folder not found", folder)
-    files = sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and _nifti_suffix(p) is not None
-    )
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and _nifti_suffix(p) is not None)
+    for entry in entries:
+        if entry.is_symlink() and not entry.exists():
+            raise TarganError(f"is a symbolic link to {os.readlink(entry)}, which does not exist or loops: fix or "
+                              "remove the link", entry)
+    files = [p for p in entries if p.is_file()]
     seen: dict[str, Path] = {}
     for file in files:
         case = case_id(file)
@@ -143,6 +149,8 @@ def read_volume(path: str | Path) -> Volume:
 def _read_nifti(path: Path) -> Volume:
     try:
         size = path.stat().st_size
+        with path.open("rb"):  # readable (permissions), before nibabel hides why it is not
+            pass
     except OSError as error:
         raise TarganError(f"cannot read: {error.strerror or error}", path) from None
     if size == 0:
@@ -205,6 +213,11 @@ def _check_declared_size(path: Path, header: nib.Nifti1Header, shape: tuple[int,
         raise TarganError(
             f"declares {shape} voxels ({offset + declared} bytes), more than a {size}-byte "
             "compressed file can hold: its header is wrong", path)
+    working = int(np.prod(shape, dtype=object)) * 4  # as float32 slices, the smallest working copy
+    memory = _physical_memory()
+    if memory is not None and working > memory:
+        raise TarganError(f"declares {shape} voxels, {_gib(working)} as float32, more than this machine's "
+                          f"memory ({_gib(memory)}); refused before allocating it", path)
 
 
 def _reason(error: BaseException) -> str:
@@ -245,7 +258,7 @@ def write_volume(path: str | Path, volume: Volume, *, label: bool = False, overw
     image.header.set_data_dtype(array.dtype)
     image.header.set_slope_inter(np.nan, np.nan)
     image.header["cal_min"] = image.header["cal_max"] = 0
-    with atomic_output(path, overwrite=overwrite) as temporary:
+    with atomic_output(path, overwrite=overwrite, kind="volume") as temporary:
         nib.save(image, temporary)
     return path
 
@@ -333,7 +346,25 @@ def slice_frame(shape: tuple[int, ...], affine: np.ndarray, source: Path | None 
     orientation = io_orientation(affine)
     if np.isnan(orientation).any():
         raise TarganError(f"the affine has no usable orientation ({np.round(affine, 3).tolist()})", source)
-    return SliceFrame(tuple(int(n) for n in shape[:3]), tuple((float(a), float(f)) for a, f in orientation))
+    frame = SliceFrame(tuple(int(n) for n in shape[:3]), tuple((float(a), float(f)) for a, f in orientation))
+    _, height, width = frame.canonical_shape
+    square = max(height, width)
+    if square * square * 4 > _MAX_SLICE_BYTES:
+        raise TarganError(f"its slices are {height} x {width} voxels: padded to a square for the model, one slice "
+                          f"would take {_gib(square * square * 4)} of memory (at most {_gib(_MAX_SLICE_BYTES)}); "
+                          "refused before allocating it", source)
+    return frame
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2 ** 30:.1f} GiB"
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # not POSIX
+        return None
 
 
 def canonical_depth(path: str | Path) -> int:

@@ -45,24 +45,26 @@ class Weights:
 
 
 def save_model_folder(folder: str | Path, module: torch.nn.Module, config: dict[str, Any], *,
-                      tensors_file: str = WEIGHTS_FILE, overwrite: bool = False) -> Path:
+                      tensors_file: str = WEIGHTS_FILE, overwrite: bool = False, command: str = "save_weights",
+                      kind: str = "weights folder") -> Path:
     """Write ``module``'s tensors (float32, CPU) as safetensors and ``config`` as ``config.json``
     into ``folder`` atomically (a temporary folder renamed into place). Weights and segmenter
-    folders are both written this way."""
+    folders are both written this way, marked as made by ``command``, a folder of ``kind``
+    (``io.atomic``)."""
     tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous()
                for name, tensor in module.state_dict().items()}
-    with atomic_output(folder, overwrite=overwrite, is_dir=True) as temporary:
+    with atomic_output(folder, overwrite=overwrite, is_dir=True, kind=kind, command=command) as temporary:
         save_file(tensors, str(temporary / tensors_file), metadata={"format": "pt"})
         (temporary / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return Path(folder)
 
 
 def save_weights(folder: str | Path, generator: Generator, config: WeightsConfig,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, command: str = "save_weights") -> Path:
     """Write a weights folder atomically (a temporary folder renamed into place)."""
     if generator.config != config.model:
         raise ValueError("the generator was not built from config.model")
-    return save_model_folder(folder, generator, config.to_dict(), overwrite=overwrite)
+    return save_model_folder(folder, generator, config.to_dict(), overwrite=overwrite, command=command)
 
 
 def read_weights_config(folder: str | Path) -> WeightsConfig:
@@ -161,7 +163,8 @@ def _resolve(text: str, revision: str | None) -> tuple[Path, dict]:
 
 
 def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse missing or unexpected names, wrong shapes and non-float dtypes, naming the first."""
+    """Refuse missing or unexpected names, wrong shapes, non-float dtypes and NaN or infinite
+    values, naming the first."""
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     problems = []
@@ -176,6 +179,9 @@ def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch
             break
         if not tensors[name].is_floating_point():
             problems.append(f"{name} has dtype {tensors[name].dtype}, expected a floating-point tensor")
+            break
+        if not torch.isfinite(tensors[name]).all():
+            problems.append(f"{name} holds NaN or infinite values")
             break
     if problems:
         raise TarganError("tensors do not match config.json: " + "; ".join(problems), path)

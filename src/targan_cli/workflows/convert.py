@@ -25,7 +25,7 @@ def convert_official(checkpoint: str | Path, output: str | Path, overwrite: bool
     from targan_cli.core.networks import Generator, parameter_count
 
     checkpoint = Path(checkpoint)
-    check_writable(output, overwrite, is_dir=True)
+    check_writable(output, overwrite, inputs=[checkpoint], is_dir=True, kind="weights folder")
     model_config = preset("paper")
     state = convert_official_state_dict(load_official_state_dict(checkpoint), model_config, checkpoint)
     generator = Generator(model_config)
@@ -38,7 +38,7 @@ def convert_official(checkpoint: str | Path, output: str | Path, overwrite: bool
         provenance={"source": "official TarGAN checkpoint (github 2165998/TarGAN)",
                     "converted_from": checkpoint.name, "package_version": __version__},
     )
-    save_weights(output, generator, config, overwrite=overwrite)
+    save_weights(output, generator, config, overwrite=overwrite, command="convert")
     return ConvertResult(Path(output), parameter_count(generator), config.modality_names)
 
 

@@ -21,8 +21,7 @@ from targan_cli.core.device import pick_device
 from targan_cli.core.training import TrainConfig
 from targan_cli.data.dataset import Case, DataDir, open_data_dir
 from targan_cli.data.phantom import phantom_steps, write_phantom_dataset
-from targan_cli.errors import TarganError
-from targan_cli.io.atomic import atomic_output, check_writable
+from targan_cli.io.atomic import atomic_output, check_writable, made_by_targan, mark_folder
 from targan_cli.io.montage import save_montage
 from targan_cli.io.volume import read_volume, to_slices, write_volume
 from targan_cli.io.weights import Weights, load_weights
@@ -227,15 +226,7 @@ def run_demo(out: str | Path = "targan-demo", *, device: str = "auto", quick: bo
              overwrite: bool = False, progress: Callable[[DemoProgress], None] | None = None) -> DemoResult:
     """Run the demo into ``out`` (refused when it exists, unless ``overwrite``)."""
     settings = QUICK if quick else FULL
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise TarganError("exists and is not a folder; pick another --out", out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise TarganError("already exists; pass --overwrite to replace it", out)
-        if not (out / REPORT).exists() and not (out / DATA).exists():
-            raise TarganError("not a demo folder (no report.md or data/), so --overwrite will not "
-                              "replace it; pick another --out", out)
+    out = check_writable(out, overwrite, is_dir=True, kind="demo folder")  # --overwrite replaces only a demo
     check_writable(out / REPORT, overwrite=True)
     report = progress or (lambda event: None)
     started = time.perf_counter()
@@ -252,6 +243,8 @@ def run_demo(out: str | Path = "targan-demo", *, device: str = "auto", quick: bo
     write_phantom_dataset(out / DATA, cases=settings.cases, size=settings.size, slices=settings.slices,
                           seed=settings.seed, test_cases=settings.test_cases, overwrite=True,
                           progress=phantom_progress)
+    if not made_by_targan(out):
+        mark_folder(out, "demo", "demo folder")
     data = open_data_dir(out / DATA)
 
     def train_progress(event: TrainProgress) -> None:

@@ -37,7 +37,7 @@ from targan_cli.config import IntensitySettings, default_modalities
 from targan_cli.core.device import check_precision, pick_device
 from targan_cli.data.dataset import IMAGES, SPLITS, open_data_dir
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import atomic_output
+from targan_cli.io.atomic import atomic_output, check_apart, local_paths, made_by_targan, mark_folder
 from targan_cli.io.volume import (NIFTI_SUFFIXES, case_id, list_volumes, read_label, read_volume,
                                   write_volume)
 from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights
@@ -263,13 +263,13 @@ def _made_otherwise(folder: Path, settings: dict[str, Any], overwrite: bool) -> 
     recorded = _read_settings(folder / SETTINGS_FILE)
     if not existing or recorded == settings:
         return False
+    if recorded is None:  # its cases are never removed, --overwrite or not
+        raise TarganError(f"holds case files but no {SETTINGS_FILE}, so it was not made by `targan enrich`; "
+                          "choose another --dataset-id", folder)
     if not overwrite:
-        if recorded is None:
-            reason = f"holds case files but no {SETTINGS_FILE}, so it was not made by `targan enrich`"
-        else:
-            reason = f"was made with other settings ({_describe(recorded)}) than this run ({_describe(settings)})"
-        raise TarganError(f"{reason}; pass --overwrite to replace its cases, or choose another --dataset-id",
-                          folder)
+        raise TarganError(f"was made with other settings ({_describe(recorded)}) than this run "
+                          f"({_describe(settings)}); pass --overwrite to replace its cases, or choose another "
+                          "--dataset-id", folder)
     return True
 
 
@@ -284,6 +284,8 @@ def _prepare_folder(folder: Path, settings: dict[str, Any], clear: bool) -> None
             raise TarganError(f"cannot create: {error.strerror or error}", folder / sub) from None
     _remove_temporaries(folder)
     _write_json(folder / SETTINGS_FILE, settings)
+    if not made_by_targan(folder):
+        mark_folder(folder, "enrich", "nnU-Net dataset")
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -418,6 +420,7 @@ def enrich(
     source = _source_modality(source, found.modality)
     name = name if name is not None else default_dataset_name(source, single_channel)
     folder = dataset_folder(output, dataset_id, name)
+    check_apart(folder, local_paths(input, labels, weights))
     clashes = _clashing_datasets(output, dataset_id, name)
     if clashes:
         raise TarganError(f"dataset id {dataset_id} is taken by {clashes[0]}; nnU-Net needs unique ids: choose "

@@ -40,7 +40,7 @@ from targan_cli.core.metrics import FrechetDistance, dice, paired_metrics, ravd,
 from targan_cli.core.slicing import PlaneFit, from_model, plane_fit, to_model
 from targan_cli.data.dataset import PAIRED, Case, DataDir, open_data_dir
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import atomic_output, check_writable
+from targan_cli.io.atomic import atomic_output, check_writable, local_paths
 from targan_cli.io.features import feature_module_kind, inception_features, load_feature_module
 from targan_cli.io.volume import Volume, case_id, list_volumes, read_label, read_on_grid, read_volume, to_slices
 from targan_cli.io.weights import DEFAULT_REPO, WEIGHTS_ENV, Weights, load_weights
@@ -565,9 +565,10 @@ def evaluate(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if json_out is not None and csv_out is not None and Path(json_out).resolve() == Path(csv_out).resolve():
         raise UsageError("--json and --csv name the same file; give each its own", json_out)
-    for path in (json_out, csv_out):
+    inputs = local_paths(data, *weights, segmenters, fid_features, inception_weights, *predictions, truth)
+    for path, kind in ((json_out, "json"), (csv_out, "csv")):
         if path is not None:
-            check_writable(path, overwrite)
+            check_writable(path, overwrite, inputs=inputs, kind=kind)
     if metrics[0] in SEGMENTATION_METRICS:
         if data is not None or weights or segmenters is not None or fid_features is not None:
             raise UsageError("dice and ravd read only --pred and --truth; drop --data, --weights, "
@@ -638,7 +639,7 @@ def result_to_dict(result: EvaluationResult) -> dict[str, Any]:
 def write_json(result: EvaluationResult, path: str | Path, overwrite: bool = False) -> Path:
     """The result as strict JSON (``result_to_dict``; nan -> null, inf -> "inf"), written atomically."""
     text = json.dumps(_strict_json(result_to_dict(result)), indent=2, allow_nan=False, default=str) + "\n"
-    with atomic_output(path, overwrite=overwrite) as temporary:
+    with atomic_output(path, overwrite=overwrite, kind="json") as temporary:
         temporary.write_text(text, encoding="utf-8")
     return Path(path)
 
@@ -649,7 +650,7 @@ CSV_FIELDS = ("model", "case", "source", "target", "metric", "region", "value")
 def write_csv(result: EvaluationResult, path: str | Path, overwrite: bool = False) -> Path:
     """Every record, one per row, after ``# versions: {...}`` and ``# settings: {...}`` comment
     lines (read with ``pandas.read_csv(path, comment="#")``); nan and inf are written as such."""
-    with atomic_output(path, overwrite=overwrite) as temporary:
+    with atomic_output(path, overwrite=overwrite, kind="csv") as temporary:
         with temporary.open("w", newline="", encoding="utf-8") as handle:
             handle.write(f"# versions: {json.dumps(result.versions)}\n")
             handle.write(f"# settings: {json.dumps(result.settings, default=str)}\n")

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from targan_cli import __version__
-from targan_cli.config import IntensitySettings, read_json
+from targan_cli.config import (MAX_CHANNELS, MAX_IMAGE_SIZE, MAX_LEVELS, IntensitySettings, check_integer,
+                               check_widest, read_json)
 from targan_cli.core.device import pick_device
 from targan_cli.core.intensity import normalize
 from targan_cli.core.metrics import dice
@@ -56,10 +57,11 @@ class SegmenterConfig:
     format_version: int = SEGMENTER_FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "width", "depth"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise TarganError(f"segmenter config: {name} must be a positive integer, got {value!r}")
+        for name, high in (("image_size", MAX_IMAGE_SIZE), ("width", MAX_CHANNELS), ("depth", MAX_LEVELS)):
+            check_integer("segmenter config", name, getattr(self, name), 1, high)
+        check_widest("segmenter config", "the U-Net (width)", self.width, self.depth - 1)
+        if not isinstance(self.modality, str) or not isinstance(self.target, str):
+            raise TarganError("segmenter config: modality and target must be text")
         if self.image_size % 2 ** (self.depth - 1):
             raise TarganError(f"segmenter config: image size {self.image_size} is not divisible by "
                               f"{2 ** (self.depth - 1)}, which a U-Net of depth {self.depth} needs")
@@ -110,7 +112,8 @@ def build_network(config: SegmenterConfig) -> ShapeController:
 def save_segmenter(folder: str | Path, network: ShapeController, config: SegmenterConfig,
                    overwrite: bool = False) -> Path:
     """Write a segmenter folder atomically (a temporary folder renamed into place)."""
-    return save_model_folder(folder, network, config.to_dict(), tensors_file=SEGMENTER_FILE, overwrite=overwrite)
+    return save_model_folder(folder, network, config.to_dict(), tensors_file=SEGMENTER_FILE, overwrite=overwrite,
+                             command="train-segmenter", kind="segmenter folder")
 
 
 def load_segmenter(folder: str | Path, device: str | torch.device = "cpu") -> Segmenter:
@@ -202,7 +205,7 @@ def segment(input: str | Path, output: str | Path, *, segmenter: str | Path, sou
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     check_nifti_output(output, "the mask")
-    check_writable(output, overwrite, inputs=[input])
+    check_writable(output, overwrite, inputs=[input, segmenter], kind="volume")
     torch_device = pick_device(device)
     loaded = load_segmenter(segmenter, torch_device)
     started = time.perf_counter()
@@ -302,7 +305,7 @@ def train_segmenter(
             raise UsageError(f"{name} must be at least 1, got {value}")
     if not learning_rate > 0:
         raise UsageError(f"the learning rate must be positive, got {learning_rate}")
-    out = check_writable(out, overwrite, is_dir=True)
+    out = check_writable(out, overwrite, inputs=[data], is_dir=True, kind="segmenter folder")
     dataset = open_data_dir(data)
     names = dataset.spec.modality_names
     if modality not in names:

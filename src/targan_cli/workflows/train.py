@@ -43,7 +43,8 @@ from targan_cli.core.device import check_precision, pick_device
 from targan_cli.core.training import TarGAN, Trainer, TrainConfig, derived_generator
 from targan_cli.data.dataset import DataDir, SliceDataset, SliceSet, load_slices, open_data_dir
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import atomic_output, check_writable
+from targan_cli.io.atomic import (atomic_output, check_apart, check_writable, made_by_targan, mark_folder,
+                                  write_error)
 from targan_cli.io.montage import save_montage
 from targan_cli.io.weights import save_weights
 from targan_cli.process import handling_signals
@@ -156,12 +157,18 @@ def _check_options(epochs: int, batch_size: int, max_steps: int | None, workers:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise UsageError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers > cores:  # refused, not silently clamped: say so, and let the user choose
+        raise UsageError(f"--workers {workers} is more than the {cores} CPU core(s) this process may use; "
+                         f"pass at most {cores}")
 
 
-def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from, or None for a new run; refuses to mix runs."""
+def _check_run_dir(out: Path, resume: bool, overwrite: bool, data: Path) -> Path | None:
+    """The checkpoint to resume from, or None for a new run; refuses to mix runs, a run folder that
+    overlaps the data, and to empty a folder that no run made."""
     if resume and overwrite:
         raise UsageError("--resume continues a run and --overwrite starts it over: pass one of them")
+    check_apart(out, [data])
     if out.exists() and not out.is_dir():
         raise TarganError("the run folder exists and is not a folder", out)
     last = out / CHECKPOINTS / LAST_CHECKPOINT
@@ -173,7 +180,8 @@ def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise TarganError("the run folder is not empty; pass --resume to continue its run or --overwrite "
                           "to start over", out)
-    check_writable(out / CHECKPOINTS, overwrite=True, is_dir=True)  # the run folder, or where it will be
+    check_writable(out, overwrite=True, is_dir=True, kind="run folder")  # a folder no run made is never emptied
+    check_writable(last, overwrite=True)  # the run folder, or where it will be, is writable
     return None
 
 
@@ -245,6 +253,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format_version") != CHECKPOINT_FORMAT:
         raise TarganError("not a targan checkpoint of a supported version", path)
     return state
+
+
+def _stop_if_not_finite(tensors: dict[str, torch.Tensor], what: str, step: int, out: Path) -> None:
+    """Stop a run whose losses or weights are NaN or infinite (a diverged run, e.g. a huge learning
+    rate) before it saves anything: the last checkpoint and export stay as they were. One device
+    sync for all ``tensors``."""
+    if bool(torch.stack([torch.isfinite(tensor).all() for tensor in tensors.values()]).all()):
+        return
+    names = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    raise TarganError(f"training diverged at step {step}: {what} {', '.join(names[:3])}"
+                      f"{' ...' if len(names) > 3 else ''} NaN or infinite; stopped before saving it (checkpoints "
+                      "and export/ hold earlier steps only); lower --lr-g / --lr-d or the loss weights", out)
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -326,8 +346,11 @@ class _MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         # Appended line by line (an atomic rewrite per line would be quadratic); a torn last line
         # is dropped on resume.
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:  # a full disk: one line naming it
+            raise write_error(error, self.path) from None
         if self.writer is not None:
             for name, value in record.items():
                 if name not in ("step", "epoch", "time"):
@@ -471,7 +494,7 @@ def train(
             use_crossing_loss=crossing_loss)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    resume_from = _check_run_dir(out, resume, overwrite)
+    resume_from = _check_run_dir(out, resume, overwrite, Path(data))
     data_dir = open_data_dir(data)
     for name in data_dir.spec.modality_names:
         if not data_dir.cases("train", name):
@@ -568,6 +591,8 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
     log = _MetricsLog(out, resumed_from) if main else None
     samples = _Samples(held_out) if main and sample_every else None
     (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    if main and not made_by_targan(out):
+        mark_folder(out, "train", "run folder")
     last_checkpoint = out / CHECKPOINTS / LAST_CHECKPOINT
     saved_step = step if resumed_from is not None else None
     losses: dict[str, float] = {}
@@ -576,6 +601,7 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
         """last.pt and export/ (once per step), plus step_XXXXXXX.pt when ``periodic``; rank 0 writes."""
         nonlocal saved_step
         if main and saved_step != step:
+            _stop_if_not_finite(trainer.model.state_dict(), "the weights", step, out)
             state = {"format_version": CHECKPOINT_FORMAT, "settings": settings, "trainer": trainer.state_dict(),
                      "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": _rng_state(device),
                      "data": str(data_dir.root.resolve()), "modalities": [m.to_dict() for m in slices.modalities]}
@@ -585,7 +611,7 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                           "train_config": train_config.to_dict()}
             save_weights(out / EXPORT, trainer.model.ema_generator,
-                         dataclasses.replace(weights_config, provenance=provenance), overwrite=True)
+                         dataclasses.replace(weights_config, provenance=provenance), overwrite=True, command="train")
         if main and periodic:
             with atomic_output(out / CHECKPOINTS / f"step_{step:07d}.pt", overwrite=True) as temporary:
                 shutil.copyfile(last_checkpoint, temporary)
@@ -605,6 +631,7 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
                 for batch in loader:  # the epoch's remaining batches
                     terms = trainer.train_step(batch, step_generator(seed, processes.rank, step))
                     step += 1
+                    _stop_if_not_finite(terms, "the loss(es)", step, out)
                     batch_in_epoch += 1
                     now = time.perf_counter()
                     rate = (step - started_step) / (now - started) if now > started else None

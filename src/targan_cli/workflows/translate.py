@@ -22,7 +22,7 @@ from targan_cli.core.device import check_precision, pick_device
 from targan_cli.core.inference import generator_device, translate_slices
 from targan_cli.core.intensity import denormalize, guess_kind, normalize
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import check_writable
+from targan_cli.io.atomic import check_apart, check_writable, local_paths
 from targan_cli.io.dicom import DicomSeries, check_series_folder, dicom_series_folders, read_dicom, write_dicom
 from targan_cli.io.montage import save_montage
 from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, canonical_depth, case_id, check_nifti_output, from_slices,
@@ -303,13 +303,15 @@ def translate(
     if preview is not None and preview.suffix.lower() != ".png":
         raise UsageError("the preview is a PNG: its name must end in .png", preview)
     inputs, outputs = _plan(input, output, num_parts, part_id, preview, output_format, series)
+    read = [input, *inputs, *local_paths(weights)]
+    check_apart(output, read)
     for path in outputs:
         if _is_nifti_name(path):
-            check_writable(path, overwrite, inputs=inputs)
+            check_writable(path, overwrite, inputs=read, kind="volume")
         else:
-            check_series_folder(path, overwrite, inputs=inputs)
+            check_series_folder(path, overwrite, inputs=read)
     if preview is not None:
-        check_writable(preview, overwrite, inputs=inputs)
+        check_writable(preview, overwrite, inputs=read, kind="png")
     torch_device = pick_device(device)
     dtype = check_precision(precision, torch_device)
     loaded = load_weights(weights, revision, torch_device)
@@ -321,7 +323,7 @@ def translate(
     # One volume is read first (a DICOM series' depth is known only once read); a folder's
     # depths come from the NIfTI headers, so that the progress total is known up front.
     first = _read(inputs[0], series) if len(inputs) == 1 else None
-    total = (slice_frame(first[0].shape, first[0].affine).canonical_shape[0] if first is not None
+    total = (slice_frame(first[0].shape, first[0].affine, first[0].source).canonical_shape[0] if first is not None
              else sum(canonical_depth(path) for path in inputs))
     if total_callback is not None and inputs:  # a part without files shows no (empty) progress
         total_callback(total)

@@ -8,6 +8,7 @@ CAUGHT (a test failed) or MISSED. Run it from the repository root:
     python bench/mutate.py            # every mutation, about 10 minutes on 2 cores
     python bench/mutate.py -k cross   # those whose name contains "cross"
     python bench/mutate.py --list
+    python bench/mutate.py --tests tests/test_objective.py   # what one test file catches alone
 
 Exit status 1 when a mutation is missed (or does not apply: the source moved on).
 """
@@ -60,12 +61,16 @@ MUTATIONS: list[tuple[str, str, str, str, list[str]]] = [
      'terms["g_r_rec"] = cycle_loss(x_s, r_rec)', OBJECTIVE_TESTS),
     ("D_x real and fake swapped", TRAINING, 'critic_pass(model.disc_x, x_s, x_t.detach(), alpha, sources, "d_x")',
      'critic_pass(model.disc_x, x_t.detach(), x_s, alpha, sources, "d_x")', OBJECTIVE_TESTS),
-    ("D_r real = whole image", TRAINING, "critic_pass(model.disc_r, r_s[has_organ],",
-     "critic_pass(model.disc_r, x_s[has_organ],", OBJECTIVE_TESTS),
+    ("D_r real = whole image", TRAINING, "critic_pass(model.disc_r, r_s[has_organ], r_t.detach()",
+     "critic_pass(model.disc_r, x_s[has_organ], r_t.detach()", OBJECTIVE_TESTS),
     ("D_r mixing weight 1 - a", TRAINING, "alpha[has_organ], sources[has_organ], \"d_r\")",
      "1 - alpha[has_organ], sources[has_organ], \"d_r\")", OBJECTIVE_TESTS),
-    ("G adversarial r through D_x", TRAINING, "critique_r = model.disc_r(r_t[has_organ]) if organ_any else None",
-     "critique_r = model.disc_x(r_t[has_organ]) if organ_any else None", OBJECTIVE_TESTS),
+    ("G adversarial r through D_x", TRAINING, "                critique_r = model.disc_r(r_t[has_organ])",
+     "                critique_r = model.disc_x(r_t[has_organ])", OBJECTIVE_TESTS),
+    ("reference step: G adversarial r through D_x", TRAINING, "\n        critique_r = model.disc_r(r_t[has_organ])",
+     "\n        critique_r = model.disc_x(r_t[has_organ])", OBJECTIVE_TESTS),
+    ("reference step: shape r of x_t", TRAINING, "shape_r = model.shape(r_t) if", "shape_r = model.shape(x_t) if",
+     OBJECTIVE_TESTS),
     ("interpolate fake-heavy", LOSSES, "(a * real + (1 - a) * fake)", "(a * fake + (1 - a) * real)",
      OBJECTIVE_TESTS),
     ("critic sign", LOSSES, "return fake_scores.mean() - real_scores.mean()",
@@ -99,8 +104,8 @@ MUTATIONS: list[tuple[str, str, str, str, list[str]]] = [
     # detaches
     ("cycle input detached", TRAINING, "x_rec, r_rec = self._generator(x_t, sources, r_t)",
      "x_rec, r_rec = self._generator(x_t.detach(), sources, r_t.detach())", OBJECTIVE_TESTS),
-    ("G adversarial x detached", TRAINING, "critique_x = model.disc_x(x_t)", "critique_x = model.disc_x(x_t.detach())",
-     OBJECTIVE_TESTS),
+    ("G adversarial x detached", TRAINING, "                critique_x = model.disc_x(x_t)",
+     "                critique_x = model.disc_x(x_t.detach())", OBJECTIVE_TESTS),
     ("shape input detached", TRAINING, "shapes = self._shape(torch.cat([x_t, r_t]) if use_target else x_t)",
      "shapes = self._shape((torch.cat([x_t, r_t]) if use_target else x_t).detach())", OBJECTIVE_TESTS),
     ("crossing r_t detached", TRAINING, "crossing_loss(x_t, r_t, y)", "crossing_loss(x_t, r_t.detach(), y)",
@@ -156,6 +161,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default="", help="run only the mutations whose name contains this")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--tests", nargs="+", default=None,
+                        help="run these test files for every mutation instead of each mutation's own")
     args = parser.parse_args()
     chosen = [m for m in MUTATIONS if args.k.lower() in m[0].lower()]
     if args.list:
@@ -175,7 +182,7 @@ def main() -> int:
             env = {**os.environ, "PYTHONPATH": str(tree / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
             start = time.monotonic()
             result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider",
-                                     "-x", "-q", *tests], cwd=ROOT, env=env, capture_output=True, text=True)
+                                     "-x", "-q", *(args.tests or tests)], cwd=ROOT, env=env, capture_output=True, text=True)
             seconds = time.monotonic() - start
             failed = [line.split(" - ")[0].removeprefix("FAILED ") for line in result.stdout.splitlines()
                       if line.startswith(("FAILED", "ERROR"))]

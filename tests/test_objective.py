@@ -276,13 +276,16 @@ def test_the_case_makes_every_swap_show():
         assert (norms < 1).any() and (norms > 1).any(), norms  # the penalty's both sides
 
 
-def test_three_steps_match_the_written_out_objective_terms_gradients_and_weights():
+@pytest.mark.parametrize("literal", [False, True], ids=["train_step", "reference_step"])
+def test_three_steps_match_the_written_out_objective_terms_gradients_and_weights(literal):
     trainer = stub_trainer()
+    if literal:
+        trainer = Trainer.literal(trainer.model, trainer.config, torch.device("cpu"))
     reference = Reference(trainer.model)
     log = GradientLog(trainer)
     for step in range(3):
         batch, draws = case_batch(step)
-        losses = trainer.train_step(batch, draws)
+        losses = (trainer.reference_step if literal else trainer.train_step)(batch, draws)
         expected, grads = reference.step(batch, draws)
         assert set(losses) == set(expected)
         for name, value in expected.items():

@@ -7,7 +7,7 @@ phantom's paired renderings (PSNR, SSIM, MAE in the model range [-1, 1]) inside 
 target area) and inside the body (the whole image). Prints one row per variant, the means over
 all translations (every source, target and test case). Run from the repository root:
 
-    python bench/ablation.py                 # about 10 minutes on 2 CPU cores
+    python bench/ablation.py                 # about 15 minutes on 2 shared CPU cores
     python bench/ablation.py --steps 20      # a quick try of the script
 
 The settings are the demo's (``workflows.demo.FULL``: learning rates 20x the paper's, cycle

@@ -133,6 +133,8 @@ def test_run_folder_rules(data, tmp_path):
         train(data, run, resume=True, lambda_cross=5.0, max_steps=2, **TINY)
     with pytest.raises(UsageError, match="use_target_stream"):
         train(data, run, resume=True, target_stream=False, max_steps=2, **TINY)
+    with pytest.raises(UsageError, match="official_body_mask"):
+        train(data, run, resume=True, official_mask=True, max_steps=2, **TINY)
 
     (run / "samples").mkdir()
     (run / "samples" / "epoch_009.png").write_bytes(b"old")

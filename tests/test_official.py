@@ -13,6 +13,7 @@ from targan_cli.core.networks import Generator
 from targan_cli.errors import TarganError
 from targan_cli.io.official import (convert_official_state_dict, load_official_state_dict,
                                     official_to_ours)
+from training_probes import rule_weights
 
 FIXTURE = json.loads((Path(__file__).parent / "data" / "official_generator.json").read_text())
 PAPER = preset("paper")
@@ -20,16 +21,7 @@ PAPER = preset("paper")
 
 def official_state_dict() -> dict[str, torch.Tensor]:
     """Deterministic weights for the fixture's names and shapes, by the fixture's rule."""
-    generator = torch.Generator().manual_seed(FIXTURE["weights_rule"]["seed"])
-    state = {}
-    for name, shape in FIXTURE["parameters"]:
-        values = torch.randn(shape, generator=generator)
-        if len(shape) == 1:
-            values = 1 + 0.1 * values if name.endswith("weight") else 0.1 * values
-        else:
-            values = values * (2.0 / (shape[1] * shape[2] * shape[3])) ** 0.5
-        state[name] = values
-    return state
+    return rule_weights(FIXTURE["parameters"], FIXTURE["weights_rule"]["seed"])
 
 
 def test_mapping_covers_every_official_parameter_with_its_shape_both_ways():

@@ -133,6 +133,8 @@ def test_run_folder_rules(data, tmp_path):
         train(data, run, resume=True, lambda_cross=5.0, max_steps=2, **TINY)
     with pytest.raises(UsageError, match="use_target_stream"):
         train(data, run, resume=True, target_stream=False, max_steps=2, **TINY)
+    with pytest.raises(UsageError, match="official_body_mask"):
+        train(data, run, resume=True, official_mask=True, max_steps=2, **TINY)
 
     (run / "samples").mkdir()
     (run / "samples" / "epoch_009.png").write_bytes(b"old")
@@ -257,11 +259,13 @@ def test_cli_trains_and_says_how_to_translate(data, tmp_path):
     run = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny",
                                       "--image-size", "32", "--batch-size", "2", "--max-steps", "1",
-                                      "--device", "cpu", "--no-crossing-loss", "--lambda-rec", "2"])
+                                      "--device", "cpu", "--no-crossing-loss", "--lambda-rec", "2",
+                                      "--official-mask"])
     assert result.exit_code == 0, result.output
     assert "export" in result.output and "targan translate" in result.output
     settings = load_checkpoint(run / "checkpoints" / "last.pt")["settings"]
     assert settings["train"]["use_crossing_loss"] is False and settings["train"]["lambda_rec"] == 2.0
+    assert settings["train"]["official_body_mask"] is True
     again = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny"])
     assert again.exit_code == 1 and "--resume" in again.output and "Traceback" not in again.output
     bad = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "x"),

@@ -257,6 +257,7 @@ def train(
     shape_controller: Annotated[bool, typer.Option("--shape-controller/--no-shape-controller", help="Ablation: without S.", rich_help_panel="Ablations")] = True,
     target_stream: Annotated[bool, typer.Option("--target-stream/--no-target-stream", help="Ablation: without T (and C).", rich_help_panel="Ablations")] = True,
     crossing_loss: Annotated[bool, typer.Option("--crossing-loss/--no-crossing-loss", help="Ablation: without C.", rich_help_panel="Ablations")] = True,
+    official_mask: Annotated[bool, typer.Option("--official-mask", help="Shape loss against the official body mask: every pixel above the background (no speckle removal, no hole filling).")] = False,
     lambda_gp: Annotated[float, typer.Option(help="Weight of the gradient penalty.", rich_help_panel="Loss weights")] = 10.0,
     lambda_rcls: Annotated[float, typer.Option(help="Weight of D's classification of real slices.", rich_help_panel="Loss weights")] = 1.0,
     lambda_fcls: Annotated[float, typer.Option(help="Weight of G's classification loss (translations as their target).", rich_help_panel="Loss weights")] = 1.0,
@@ -290,7 +291,7 @@ def train(
         epochs=epochs, preset=preset, image_size=image_size, batch_size=batch_size, max_steps=max_steps,
         resume=resume, device=device, precision=precision, seed=seed, workers=workers,
         shape_controller=shape_controller, target_stream=target_stream, crossing_loss=crossing_loss,
-        lambda_gp=lambda_gp, lambda_rcls=lambda_rcls, lambda_fcls=lambda_fcls, lambda_rec=lambda_rec,
+        official_mask=official_mask, lambda_gp=lambda_gp, lambda_rcls=lambda_rcls, lambda_fcls=lambda_fcls, lambda_rec=lambda_rec,
         lambda_cross=lambda_cross, lambda_u=lambda_u, lambda_shape=lambda_shape, lr_g=lr_g, lr_d=lr_d, ema_decay=ema_decay,
         checkpoint_every=checkpoint_every, log_every=log_every, sample_every=sample_every, compile=compile,
         overwrite=overwrite)

@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 
 
+def widened(tensor: torch.Tensor) -> torch.Tensor:
+    """fp16 and bf16 (autocast outputs) as fp32; fp32 and fp64 as they are."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def to01(image: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> [0, 1], clamped: METHOD.md's to01."""
     return ((image + 1) / 2).clamp(0, 1)
@@ -47,7 +52,8 @@ def generator_adversarial_loss(fake_scores: torch.Tensor) -> torch.Tensor:
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """BCE with logits summed over the 2n outputs and the batch, divided by N (the official reduction)."""
-    return F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum") / logits.shape[0]
+    logits = widened(logits)
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="sum") / logits.shape[0]
 
 
 def interpolate(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -62,21 +68,22 @@ def gradient_penalty(scores: torch.Tensor, interpolated: torch.Tensor, output_sc
     ``scores`` is D.src(x_hat). ``output_scale`` multiplies the scores before differentiation and
     divides the gradient after it (the GradScaler factor under fp16, so that it does not underflow).
     """
-    (gradient,) = torch.autograd.grad(scores.float().sum() * output_scale, interpolated, create_graph=True)
-    gradient = gradient.float().flatten(1) / output_scale  # (N, H * W)
+    (gradient,) = torch.autograd.grad(widened(scores).sum() * output_scale, interpolated, create_graph=True)
+    gradient = widened(gradient).flatten(1) / output_scale  # (N, H * W)
     return ((gradient.norm(2, dim=1) - 1) ** 2).mean()
 
 
 def shape_loss(predicted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """MSE between the shape controller's probabilities and a {0, 1} mask."""
-    return F.mse_loss(predicted.float(), mask.float())
+    predicted = widened(predicted)
+    return F.mse_loss(predicted, mask.to(predicted.dtype))
 
 
 def cycle_loss(original: torch.Tensor, reconstructed: torch.Tensor) -> torch.Tensor:
     """Reconstruction (cycle) term mean|x - G(G(x, t), s)|."""
-    return F.l1_loss(reconstructed.float(), original.float())
+    return F.l1_loss(widened(reconstructed), widened(original))
 
 
 def crossing_loss(image: torch.Tensor, area: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """mean|to01(x_t) * y - to01(r_t)|: the whole-image translation, cut to the organ, matches the area's."""
-    return (to01(image.float()) * mask - to01(area.float())).abs().mean()
+    return (to01(widened(image)) * mask - to01(widened(area))).abs().mean()

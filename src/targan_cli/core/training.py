@@ -13,7 +13,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from targan_cli.config import ModelConfig
 from targan_cli.core.device import autocast, memory_format
 from targan_cli.core.losses import (classification_loss, critic_loss, crossing_loss, cycle_loss,
                                     fake_labels, generator_adversarial_loss, gradient_penalty,
-                                    interpolate, real_labels, shape_loss, target_area)
+                                    interpolate, real_labels, shape_loss, target_area, widened)
 from targan_cli.core.networks import Critique, Discriminator, Generator, ShapeController, use_fast_forms
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -48,6 +48,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.9)
     ema_decay: float = 0.999
     flip_probability: float = 0.5
+    # The official body mask, every pixel above the background (x > -1), instead of the given one
+    # (the DATA cache's: threshold, speckle removed, holes filled); docs/train.md says why.
+    official_body_mask: bool = False
     use_shape_controller: bool = True
     use_target_stream: bool = True
     use_crossing_loss: bool = True
@@ -107,6 +110,22 @@ class TarGAN(nn.Module):
 
     def discriminators(self) -> list[Discriminator]:
         return [d for d in (self.disc_x, self.disc_r) if d is not None]
+
+
+class StepDraws(NamedTuple):
+    """A training step's random choices: which samples flip, the permutation of the sources that
+    gives the targets, and the gradient penalty's mixing weights (each (N,))."""
+
+    flip: torch.Tensor
+    permutation: torch.Tensor
+    alpha: torch.Tensor
+
+    @classmethod
+    def draw(cls, count: int, generator: torch.Generator, flip_probability: float) -> StepDraws:
+        """Drawn from ``generator`` in this order: flips, permutation, mixing weights."""
+        flip = torch.rand(count, generator=generator) < flip_probability
+        permutation = torch.randperm(count, generator=generator)
+        return cls(flip, permutation, torch.rand(count, generator=generator))
 
 
 def derived_generator(*keys: int) -> torch.Generator:
@@ -171,6 +190,7 @@ class Trainer:
         self.memory_format = memory_format(device) if channels_last is None else (
             torch.channels_last if channels_last else torch.contiguous_format)
         self.model = model.to(device, memory_format=self.memory_format)
+        self.dtype = next(model.generator.parameters()).dtype  # of the batches: float32, or float64 in tests
         self.num_modalities = model.model_config.num_modalities
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         networks = {"generator": (model.generator, config.lr_g), "disc_x": (model.disc_x, config.lr_d),
@@ -221,24 +241,25 @@ class Trainer:
 
     # -- shared pieces of both steps ------------------------------------------------------------
 
-    def _prepare(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    def _prepare(self, batch: Batch, randomness: torch.Generator | StepDraws) -> tuple[torch.Tensor, ...]:
         """Move to the device, flip horizontally per sample, draw targets and GP mixing weights.
 
-        The random draws (flips, permutation, GP weights) come from ``generator`` in this order in
-        both steps, so that the same generator state gives the same step.
+        The random draws come from ``randomness`` (``StepDraws.draw``) in both steps, so that the
+        same generator state gives the same step; a ``StepDraws`` gives them explicitly.
         """
         images, masks, bodies, sources = batch
-        count = images.shape[0]
-        flip = torch.rand(count, generator=generator) < self.config.flip_probability
-        permutation = torch.randperm(count, generator=generator)
-        alpha = torch.rand(count, generator=generator)
+        draws = randomness if isinstance(randomness, StepDraws) else StepDraws.draw(
+            images.shape[0], randomness, self.config.flip_probability)
+        flip, permutation, alpha = draws
         flip = flip.to(self.device).view(-1, 1, 1, 1)
 
         def place(tensor: torch.Tensor) -> torch.Tensor:
-            tensor = tensor.to(self.device, torch.float32, non_blocking=True)
+            tensor = tensor.to(self.device, self.dtype, non_blocking=True)
             return torch.where(flip, tensor.flip(-1), tensor)  # (N, 1, H, W)
 
         x_s, y, b_x = (place(t) for t in (images, masks, bodies))
+        if self.config.official_body_mask:
+            b_x = (x_s > -1).to(self.dtype)  # the official mask: every pixel above the background
         sources = sources.to(self.device, torch.long)
         targets = sources[permutation.to(self.device)]
         r_s = target_area(x_s, y)
@@ -249,7 +270,7 @@ class Trainer:
                              sources: torch.Tensor, prefix: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = self.num_modalities
         terms = {
-            f"{prefix}_adv": critic_loss(real.src.float(), fake.src.float()),
+            f"{prefix}_adv": critic_loss(widened(real.src), widened(fake.src)),
             f"{prefix}_cls_real": classification_loss(real.cls, real_labels(sources, n)),
             f"{prefix}_cls_fake": classification_loss(fake.cls, fake_labels(sources, n)),
             f"{prefix}_gp": penalty,
@@ -267,12 +288,12 @@ class Trainer:
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Every generator term (unweighted) and the weighted total; None marks an absent stream."""
         c, n = self.config, self.num_modalities
-        terms = {"g_x_adv": generator_adversarial_loss(critique_x.src.float()),
+        terms = {"g_x_adv": generator_adversarial_loss(widened(critique_x.src)),
                  "g_x_cls": classification_loss(critique_x.cls, real_labels(targets, n)),
                  "g_x_rec": cycle_loss(x_s, x_rec)}
         total = terms["g_x_adv"] + c.lambda_fcls * terms["g_x_cls"] + c.lambda_rec * terms["g_x_rec"]
         if critique_r is not None:
-            terms["g_r_adv"] = generator_adversarial_loss(critique_r.src.float())
+            terms["g_r_adv"] = generator_adversarial_loss(widened(critique_r.src))
             terms["g_r_cls"] = classification_loss(critique_r.cls, real_labels(targets[has_organ], n))
             total = total + terms["g_r_adv"] + c.lambda_fcls * terms["g_r_cls"]
         if r_rec is not None:
@@ -310,7 +331,7 @@ class Trainer:
 
     # -- the steps ------------------------------------------------------------------------------
 
-    def train_step(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: Batch, generator: torch.Generator | StepDraws) -> dict[str, torch.Tensor]:
         """One D step and one G step; returns every loss term as a detached 0-d tensor.
 
         Terms on the target stream are absent when no sample of the batch shows the organ.
@@ -386,7 +407,7 @@ class Trainer:
         model.ema.update_parameters(model.generator)
         return _detached(losses)
 
-    def reference_step(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def reference_step(self, batch: Batch, generator: torch.Generator | StepDraws) -> dict[str, torch.Tensor]:
         """METHOD.md literally: fakes for D from a no-grad G pass, G run again for its own step,
         one discriminator call per input, fp32, default memory format. Same losses as train_step."""
         if self.precision is not None:

@@ -1,9 +1,11 @@
-"""Parameter names of the official TarGAN generator (github 2165998/TarGAN) and ours, both ways.
+"""Parameter names of the official TarGAN networks (github 2165998/TarGAN) and ours.
 
 The official code saves ``netG.state_dict()`` (and the EMA copy ``netG_use``) with ``torch.save``;
 ``load_official_state_dict`` reads such a file with ``weights_only=True`` (tensors only, no code
 runs). The official network is this project's ``paper`` preset with the modalities of
-``config.official_modalities()`` (official indices t1 = 0, t2 = 1, ct = 2).
+``config.official_modalities()`` (official indices t1 = 0, t2 = 1, ct = 2). The discriminators
+(``netDi``, ``netDt``) and the shape controller (``netH``) map too, for the tests that hold the
+training step to the official one.
 """
 
 from __future__ import annotations
@@ -37,11 +39,30 @@ _PATTERNS = (
     (re.compile(r"^out_tumor\.weight$"), lambda m, last: "decoder_r.head.weight"),
 )
 
+_DISCRIMINATOR_PATTERNS = (
+    (re.compile(r"^main\.(\d+)\.(weight|bias)$"), lambda m, last: f"main.{m[1]}.{m[2]}"),
+    (re.compile(r"^conv1\.weight$"), lambda m, last: "src.weight"),
+    (re.compile(r"^conv2\.weight$"), lambda m, last: "cls.weight"),
+)
+# ShapeUNet: Conv1..Conv5 down, Up5/Up_conv5 (the deepest) .. Up2/Up_conv2 up, Conv_1x1; ``last``
+# is the shape controller's depth.
+_SHAPE_PATTERNS = (
+    (re.compile(r"^Conv(\d+)\.conv\.(.+)$"), lambda m, last: f"downs.{int(m[1]) - 1}.{m[2]}"),
+    (re.compile(r"^Up(\d+)\.(weight|bias)$"), lambda m, last: f"upsamplers.{last - int(m[1])}.{m[2]}"),
+    (re.compile(r"^Up_conv(\d+)\.conv\.(.+)$"), lambda m, last: f"ups.{last - int(m[1])}.{m[2]}"),
+    (re.compile(r"^Conv_1x1\.(weight|bias)$"), lambda m, last: f"head.{m[1]}"),
+)
 
-def official_to_ours(name: str, config: ModelConfig) -> str:
-    """Our parameter name for an official one; KeyError when the official name is unknown."""
-    last = config.encoder_depth - 1  # the official decoder's last block is our ``final``
-    for pattern, rename in _PATTERNS:
+
+def official_to_ours(name: str, config: ModelConfig, network: str = "generator") -> str:
+    """Our parameter name for an official one of ``network`` ("generator", "discriminator" or
+    "shape"); KeyError when the official name is unknown."""
+    patterns, last = {
+        "generator": (_PATTERNS, config.encoder_depth - 1),  # the official decoder's last block: ``final``
+        "discriminator": (_DISCRIMINATOR_PATTERNS, 0),
+        "shape": (_SHAPE_PATTERNS, config.shape_depth),
+    }[network]
+    for pattern, rename in patterns:
         match = pattern.match(name)
         if match:
             return rename(match, last)
@@ -49,17 +70,17 @@ def official_to_ours(name: str, config: ModelConfig) -> str:
 
 
 def convert_official_state_dict(state: dict[str, torch.Tensor], config: ModelConfig,
-                                source: Path | None = None) -> dict[str, torch.Tensor]:
-    """Rename an official generator state dict to ours; unknown names are a TarganError."""
+                                source: Path | None = None, network: str = "generator") -> dict[str, torch.Tensor]:
+    """Rename an official state dict of ``network`` to ours; unknown names are a TarganError."""
     converted, unknown = {}, []
     for name, tensor in state.items():
         try:
-            converted[official_to_ours(name.removeprefix("module."), config)] = tensor
+            converted[official_to_ours(name.removeprefix("module."), config, network)] = tensor
         except KeyError:
             unknown.append(name)
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise TarganError(f"not an official TarGAN generator: unknown parameter(s) {shown}", source)
+        raise TarganError(f"not an official TarGAN {network}: unknown parameter(s) {shown}", source)
     return converted
 
 

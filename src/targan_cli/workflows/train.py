@@ -461,6 +461,7 @@ def train(
     shape_controller: bool = True,
     target_stream: bool = True,
     crossing_loss: bool = True,
+    official_mask: bool = False,
     lambda_gp: float = TrainConfig.lambda_gp,
     lambda_rcls: float = TrainConfig.lambda_rcls,
     lambda_fcls: float = TrainConfig.lambda_fcls,
@@ -491,7 +492,7 @@ def train(
             lambda_gp=lambda_gp, lambda_rcls=lambda_rcls, lambda_fcls=lambda_fcls, lambda_rec=lambda_rec,
             lambda_cross=lambda_cross, lambda_u=lambda_u, lambda_shape=lambda_shape, lr_g=lr_g, lr_d=lr_d,
             ema_decay=ema_decay, use_shape_controller=shape_controller, use_target_stream=target_stream,
-            use_crossing_loss=crossing_loss)
+            use_crossing_loss=crossing_loss, official_body_mask=official_mask)
     except ValueError as error:
         raise UsageError(str(error)) from None
     resume_from = _check_run_dir(out, resume, overwrite, Path(data))

@@ -18,6 +18,7 @@ from targan_cli.errors import TarganError
 from targan_cli.io.features import (
     INCEPTION_WEIGHTS_FILE,
     feature_module_kind,
+    fid_install_command,
     inception_features,
     inception_weights_cache_path,
     load_feature_module,
@@ -376,8 +377,12 @@ def test_a_missing_or_unfit_feature_file_is_a_targan_error_naming_it(tmp_path: P
 
 @pytest.mark.skipif(TORCH_FIDELITY, reason="checks the message shown when torch-fidelity is not installed")
 def test_inception_features_without_torch_fidelity_say_how_to_get_them() -> None:
-    with pytest.raises(TarganError, match="pip install torch-fidelity, or pass --fid-features FILE"):
+    with pytest.raises(TarganError) as caught:
         inception_features(None)
+    message = caught.value.message
+    assert f"`{fid_install_command()}`" in message and "--no-deps" in message  # keeps the installed torch
+    assert f"download on first use to {inception_weights_cache_path()}" in message
+    assert "offline" in message and "--inception-weights FILE" in message and "--fid-features FILE" in message
 
 
 @pytest.mark.skipif(not TORCH_FIDELITY, reason="needs torch-fidelity (optional, with torchvision)")

@@ -205,7 +205,7 @@ def test_a_case_without_its_paired_rendering_is_counted_as_n_a_and_named(setup: 
     assert (summary.count, summary.missing, summary.infinite) == (0, 1, 3)  # 4 t1w cases: 3 perfect, 1 n/a
     assert [r.case for r in result.records if r.target == "t1w" and r.value is None and r.region == "body"] == [
         gone.name.removesuffix(".nii.gz")]
-    assert list(result.notes) == [f"1 test case(s) have no paired t1w rendering (the first belongs at {gone}): "
+    assert list(result.notes) == [f"1 test case has no paired t1w rendering (the first belongs at {gone}): "
                             "n/a in the t1w psnr cells"]
 
 

@@ -189,7 +189,7 @@ def test_enrich_killed_while_writing_resumes_into_a_valid_dataset(tmp_path: Path
 
     result = runner.invoke(COMMAND, arguments)
     assert result.exit_code == 0, result.output
-    assert "2 case(s) written, 1 already complete" in result.output
+    assert "2 cases written, 1 already complete" in result.output
     assert verify_nnunet_dataset(folder) == []
     assert _temporaries(images) == [] and _temporaries(folder / "labelsTr") == []
     assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 3
@@ -275,5 +275,5 @@ def test_a_full_disk_while_enriching_keeps_complete_cases_and_a_rerun_finishes(
     monkeypatch.undo()  # space again
     result = runner.invoke(COMMAND, arguments)
     assert result.exit_code == 0, result.output
-    assert "1 case(s) written, 1 already complete" in result.output
+    assert "1 case written, 1 already complete" in result.output
     assert verify_nnunet_dataset(folder) == []

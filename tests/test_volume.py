@@ -526,8 +526,8 @@ def test_two_series_told_apart_only_by_their_uid_are_refused(tmp_path: Path) -> 
     for file in write_dicom_series(tmp_path / "b", anatomy((3, 4, 3)), origin_lps=(-30.0, -40.0, -42.5),
                                    series_uid="1.2.3.2"):
         file.rename(folder / f"B{file.name}")
-    with pytest.raises(TarganError, match=r"holds 2 series by SeriesInstanceUID: 3 file\(s\) of 1\.2\.3\.\d "
-                                          r"and 3 file\(s\) of 1\.2\.3\.\d; put each series") as error:
+    with pytest.raises(TarganError, match=r"holds 2 series by SeriesInstanceUID: 3 files of 1\.2\.3\.\d "
+                                          r"and 3 files of 1\.2\.3\.\d; put each series") as error:
         read_volume(folder)
     assert error.value.path == folder
     write_dicom_series(tmp_path / "one", anatomy((3, 4, 3)), series_uid="1.2.3.1")

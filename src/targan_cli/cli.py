@@ -160,7 +160,7 @@ def translate(
     """Translate whole volumes into another modality; the output keeps the input's geometry."""
     from rich.markup import escape
 
-    from targan_cli.console import console, progress_bar, strong
+    from targan_cli.console import console, counted, progress_bar, strong
     from targan_cli.workflows.translate import translate as translate_volumes
 
     with progress_bar("Translating", total=None, unit="slices") as advance:
@@ -172,9 +172,9 @@ def translate(
     if not result.outputs:
         console.print(f"Part {part_id} of {num_parts} holds none of the files of {strong(input)}: nothing to translate")
         return
-    written = str(result.outputs[0]) if len(result.outputs) == 1 else f"{len(result.outputs)} volumes to {output}"
+    written = str(result.outputs[0]) if len(result.outputs) == 1 else f"{counted(len(result.outputs), 'volume')} to {output}"
     sources = ", ".join(dict.fromkeys(choice.name for choice in result.sources))
-    console.print(f"Wrote {strong(written)} ({escape(sources)} → {escape(result.target)}): {result.slices} slices "
+    console.print(f"Wrote {strong(written)} ({escape(sources)} → {escape(result.target)}): {counted(result.slices, 'slice')} "
                   f"in {result.seconds:.1f} s, {result.slices_per_second:.1f} slices/s on {result.device}")
     for choice in dict.fromkeys(choice for choice in result.sources if choice.reason is not None):
         console.print(f"--from {escape(choice.name)} was inferred: {escape(choice.reason)}; pass --from to choose",
@@ -209,7 +209,7 @@ def enrich(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write an nnU-Net v2 raw dataset: the real image as channel 0, its translations as channels 1.. (resumable)."""
-    from targan_cli.console import console, progress_bar, strong
+    from targan_cli.console import console, counted, progress_bar, strong
     from targan_cli.workflows.enrich import enrich as enrich_dataset
 
     with progress_bar("Enriching", total=None, unit="cases") as advance:
@@ -219,8 +219,8 @@ def enrich(
             precision=precision, batch_size=batch_size, overwrite=overwrite, progress=advance,
             total_callback=lambda total: advance(0, total=total))
     console.print(f"Wrote {strong(result.folder)}: channels {', '.join(result.channels)}; "
-                  f"{len(result.written)} case(s) written, {len(result.skipped)} already complete; "
-                  f"{result.training} training case(s), {result.test} in imagesTs")
+                  f"{counted(len(result.written), 'case')} written, {len(result.skipped)} already complete; "
+                  f"{counted(result.training, 'training case')}, {result.test} in imagesTs")
 
 
 @app.command()
@@ -265,7 +265,7 @@ def train(
 
     from rich.markup import escape
 
-    from targan_cli.console import console, format_value, print_warning, progress_bar, strong
+    from targan_cli.console import console, counted, format_value, print_warning, progress_bar, strong
     from targan_cli.workflows.train import TrainProgress, is_main_process
     from targan_cli.workflows.train import train as run_training
 
@@ -298,7 +298,8 @@ def train(
         print_warning(f"stopped at step {result.steps}; checkpoint saved to {result.checkpoint}")
         console.print(f"Resume with: {strong(shlex.join(command))}")
         raise typer.Exit(130)
-    console.print(f"Trained {result.steps} steps ({result.epochs_completed} epochs) in {strong(result.run_dir)}")
+    console.print(f"Trained {counted(result.steps, 'step')} ({counted(result.epochs_completed, 'epoch')}) in "
+                  f"{strong(result.run_dir)}")
     console.print(f"EMA generator exported to {strong(result.export_dir)}")
     example = shlex.join(["targan", "translate", "INPUT.nii.gz", "-o", "OUTPUT.nii.gz", "--from",
                           result.modalities[0], "--to", result.modalities[-1], "--weights", str(result.export_dir)])
@@ -373,7 +374,7 @@ def train_segmenter(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a 2D U-Net liver segmenter on real slices of one modality (for the S-score)."""
-    from targan_cli.console import console, progress_bar, strong
+    from targan_cli.console import console, counted, progress_bar, strong
     from targan_cli.workflows.segment import train_segmenter as run_training
 
     with progress_bar(f"Training the {modality} segmenter", total=None, unit="steps") as advance:
@@ -381,11 +382,11 @@ def train_segmenter(
                               batch_size=batch_size, learning_rate=learning_rate, device=device, seed=seed,
                               overwrite=overwrite, progress=advance,
                               total_callback=lambda total: advance(0, total=total))
-    console.print(f"Wrote {strong(result.folder)} ({result.modality}: {result.train_cases} cases, "
-                  f"{result.train_slices} slices, final loss {result.epoch_losses[-1]:.4f}, "
+    console.print(f"Wrote {strong(result.folder)} ({result.modality}: {counted(result.train_cases, 'case')}, "
+                  f"{counted(result.train_slices, 'slice')}, final loss {result.epoch_losses[-1]:.4f}, "
                   f"{result.seconds:.1f} s on {result.device})")
     if result.test_dice is not None:
-        console.print(f"Dice on {result.test_cases} real test volume(s): {result.test_dice:.2f} %")
+        console.print(f"Dice on {counted(result.test_cases, 'real test volume')}: {result.test_dice:.2f} %")
 
 
 @app.command()
@@ -449,14 +450,14 @@ def data_phantom(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write synthetic abdominal phantoms (CT, T1w, T2w, liver labels) in the DATA layout."""
-    from targan_cli.console import console, progress_bar, strong
+    from targan_cli.console import console, counted, progress_bar, strong
     from targan_cli.data.phantom import phantom_steps, write_phantom_dataset
 
     with progress_bar("phantoms", phantom_steps(cases, test_cases), "volumes") as advance:
         summary = write_phantom_dataset(out, cases=cases, size=size, slices=slices, seed=seed,
                                         test_cases=test_cases, overwrite=overwrite, progress=advance)
-    console.print(f"Wrote {strong(summary.root)}: {summary.files} NIfTI files, modalities "
-                  f"{', '.join(summary.modalities)}, {len(summary.test_cases)} paired test case(s)")
+    console.print(f"Wrote {strong(summary.root)}: {counted(summary.files, 'NIfTI file')}, modalities "
+                  f"{', '.join(summary.modalities)}, {counted(len(summary.test_cases), 'paired test case')}")
 
 
 @data_app.command("import-chaos")
@@ -469,13 +470,13 @@ def data_import_chaos(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Import CHAOS 2019 (CT, T1 in-phase, T2-SPIR, liver masks) into the DATA layout, split by patient."""
-    from targan_cli.console import console, progress_bar, strong
+    from targan_cli.console import console, counted, progress_bar, strong
     from targan_cli.data.chaos import find_chaos_series, import_chaos
 
     with progress_bar("CHAOS", len(find_chaos_series(chaos_dir)), "series") as advance:
         summary = import_chaos(chaos_dir, out, test_fraction=test_fraction, seed=seed,
                                overwrite=overwrite, progress=advance)
-    console.print(f"Wrote {strong(summary.out)}: {summary.volumes} volumes, {summary.slices} slices")
+    console.print(f"Wrote {strong(summary.out)}: {counted(summary.volumes, 'volume')}, {counted(summary.slices, 'slice')}")
     console.print("The CHAOS data are licensed CC-BY-NC-SA 4.0.")
 
 

@@ -13,6 +13,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
+from targan_cli.errors import counted  # noqa: F401 - the CLI's one plural helper (messages share it)
+
 # Printed lines are never hard-wrapped (soft_wrap): a path or a command to copy stays one line in
 # a pipe, a log file or a narrow terminal. Progress stays on stdout: stderr holds the one-line
 # error alone, which scripts and the guarantees rely on.

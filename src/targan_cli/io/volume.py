@@ -18,7 +18,7 @@ import pydicom
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from pydicom.errors import InvalidDicomError
 
-from targan_cli.errors import TarganError, UsageError
+from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output
 from targan_cli.process import quiet_logger
 
@@ -215,7 +215,7 @@ def _read_nifti(path: Path) -> Volume:
     if np.issubdtype(array.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
-            raise TarganError(f"{bad} voxel(s) are NaN or infinite", path)
+            raise TarganError(f"{counted(bad, 'voxel')} {'is' if bad == 1 else 'are'} NaN or infinite", path)
         largest = max(-float(array.min()), float(array.max()))
         if largest > _FLOAT32_MAX:  # float64 data, or a huge scl_slope
             raise TarganError(f"holds values up to {largest:.3g} in magnitude, beyond float32's range "
@@ -361,7 +361,7 @@ def _check_one_series_uid(slices: list[_DicomSlice], folder: Path) -> None:
     give every file a UID of its own, which says nothing: only UIDs shared by several files count."""
     counts = Counter(s.series_uid for s in slices if s.series_uid)
     if len(counts) > 1 and max(counts.values()) > 1:
-        groups = " and ".join(f"{count} file(s) of {uid}" for uid, count in counts.most_common(2))
+        groups = " and ".join(f"{counted(count, 'file')} of {uid}" for uid, count in counts.most_common(2))
         more = f" (and {len(counts) - 2} more)" if len(counts) > 2 else ""
         raise TarganError(f"holds {len(counts)} series by SeriesInstanceUID: {groups}{more}; "
                           "put each series in its own folder", folder)

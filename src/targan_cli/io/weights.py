@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from targan_cli.config import WeightsConfig, read_json
 from targan_cli.core.networks import Generator
-from targan_cli.errors import TarganError
+from targan_cli.errors import TarganError, counted
 from targan_cli.io.atomic import atomic_output
 
 WEIGHTS_FILE = "model.safetensors"
@@ -179,9 +179,9 @@ def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch
     extra = sorted(set(tensors) - set(expected))
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing tensor(s) ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
+        problems.append(f"{counted(len(missing), 'missing tensor')} ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
     if extra:
-        problems.append(f"{len(extra)} unexpected tensor(s) ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''})")
+        problems.append(f"{counted(len(extra), 'unexpected tensor')} ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''})")
     for name in sorted(set(tensors) & set(expected)):
         if tensors[name].shape != expected[name].shape:
             problems.append(f"{name} has shape {tuple(tensors[name].shape)}, the config needs "

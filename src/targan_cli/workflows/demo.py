@@ -21,7 +21,7 @@ from targan_cli.core.device import pick_device
 from targan_cli.core.training import TrainConfig
 from targan_cli.data.dataset import Case, DataDir, open_data_dir
 from targan_cli.data.phantom import phantom_steps, write_phantom_dataset
-from targan_cli.errors import TarganError
+from targan_cli.errors import TarganError, counted
 from targan_cli.io.atomic import atomic_output, check_writable
 from targan_cli.io.montage import save_montage
 from targan_cli.io.volume import read_volume, to_slices, write_volume
@@ -179,7 +179,7 @@ targan-cli {__version__}, {time.strftime('%Y-%m-%d %H:%M')}, {result.seconds:.0f
 
 ## What was done
 1. `targan data phantom`: {settings.cases} training cases per modality (a different random anatomy
-   for each modality, like CHAOS) and {settings.test_cases} held-out test case(s) rendered in every
+   for each modality, like CHAOS) and {counted(settings.test_cases, 'held-out test case')} rendered in every
    modality, {settings.size} x {settings.size} voxels in-plane, in `{DATA}/`.
 2. `targan train --preset tiny --image-size {settings.image_size} --batch-size {settings.batch_size}
    --max-steps {settings.steps} --lr-g {settings.lr_g:g} --lr-d {settings.lr_d:g} --lambda-rec {settings.lambda_rec:g}

@@ -39,7 +39,7 @@ from targan_cli.core.intensity import body_mask, denormalize, normalize
 from targan_cli.core.metrics import FrechetDistance, dice, paired_metrics, ravd, summarize
 from targan_cli.core.slicing import PlaneFit, from_model, plane_fit, to_model
 from targan_cli.data.dataset import PAIRED, Case, DataDir, open_data_dir
-from targan_cli.errors import TarganError, UsageError
+from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output, check_writable
 from targan_cli.io.features import feature_module_kind, inception_features, load_feature_module
 from targan_cli.io.volume import Volume, case_id, list_volumes, read_label, read_on_grid, read_volume, to_slices
@@ -376,7 +376,8 @@ def _missing_pairs_notes(data: DataDir, split: str, targets: Sequence[str], metr
         if missing:
             first = missing[0]
             where = data.root / split / first.modality / PAIRED / target / f"{first.case_id}.nii.gz"
-            notes.append(f"{len(missing)} {split} case(s) have no paired {target} rendering (the first belongs at "
+            notes.append(f"{counted(len(missing), f'{split} case')} {'has' if len(missing) == 1 else 'have'} no paired "
+                         f"{target} rendering (the first belongs at "
                          f"{where}): n/a in the {target} {', '.join(metrics)} cells")
     return notes
 

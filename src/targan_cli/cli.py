@@ -37,6 +37,34 @@ WeightsOpt = Annotated[Optional[str], typer.Option(
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast; bf16/fp16 need a GPU).")]
+JsonOpt = Annotated[Optional[Path], typer.Option(
+    "--json", help="Also write the summary as JSON to this file; '-' prints the JSON on stdout instead of the table.")]
+STDOUT = Path("-")
+
+
+def _check_json(path: Path | None, overwrite: bool) -> None:
+    """Refuse, before any work, a --json file that may not be written."""
+    if path is not None and path != STDOUT:
+        from targan_cli.io.atomic import check_writable
+
+        check_writable(path, overwrite)
+
+
+def _write_json(data: object, path: Path | None, overwrite: bool) -> None:
+    """``data`` as JSON: on stdout for '-', else to the file, atomically (strict JSON: nan is null)."""
+    import json
+
+    from targan_cli.console import console, strong
+    from targan_cli.io.atomic import atomic_output
+    from targan_cli.workflows.evaluate import strict_json
+
+    text = json.dumps(strict_json(data), indent=2, allow_nan=False, default=str) + "\n"
+    if path == STDOUT:
+        console.out(text, end="", highlight=False)
+    elif path is not None:
+        with atomic_output(path, overwrite=overwrite) as temporary:
+            temporary.write_text(text, encoding="utf-8")
+        console.print(f"Wrote {strong(path)}")
 
 
 class Terminated(KeyboardInterrupt):
@@ -128,12 +156,18 @@ def convert(
 def info(
     weights: Annotated[str, typer.Argument(help="Weights folder, model.safetensors, or Hub repo id.")],
     revision: RevisionOpt = None,
+    json_out: JsonOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Show a weights folder's config: modalities, preset, sizes, parameter count, provenance."""
-    from targan_cli.console import console, key_value_table
+    from targan_cli.console import key_value_table, print_table
     from targan_cli.workflows.convert import describe_weights
 
-    console.print(key_value_table(f"Weights {weights}", describe_weights(weights, revision)))
+    _check_json(json_out, overwrite)
+    rows = describe_weights(weights, revision)
+    if json_out != STDOUT:
+        print_table(key_value_table(f"Weights {weights}", rows))
+    _write_json(rows, json_out, overwrite)
 
 
 @app.command()
@@ -329,7 +363,8 @@ def evaluate(
         "--pred", help="dice, ravd: folder of predicted masks <case>.nii.gz; repeat to compare.")] = None,
     truth: Annotated[Optional[Path], typer.Option("--truth", help="dice, ravd: folder of ground-truth masks.")] = None,
     split: Annotated[str, typer.Option("--split", help="Dataset split to evaluate: test or train.")] = "test",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every value and the settings as JSON.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", help="Write every value and the settings as JSON; '-' prints it on stdout instead of the table.")] = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write every per-volume value as CSV.")] = None,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per generator batch.")] = 16,
@@ -338,16 +373,21 @@ def evaluate(
     """Evaluate translations (the paper's Table 1: FID, S-score; paired PSNR/SSIM/MAE) or segmentations (Table 2)."""
     from rich.markup import escape
 
-    from targan_cli.console import console, evaluation_table, progress_bar, strong
+    from targan_cli.console import console, evaluation_table, print_table, progress_bar, strong
     from targan_cli.workflows.evaluate import evaluate as run_evaluation
+    from targan_cli.workflows.evaluate import result_to_dict
 
+    to_stdout = json_out == STDOUT
     with progress_bar("Evaluating", total=None, unit="volumes") as advance:
         result = run_evaluation(
             metric, data=data, weights=weights or (), segmenters=segmenters, fid_features=fid_features,
             inception_weights=inception_weights, predictions=pred or (), truth=truth, split=split, device=device,
-            batch_size=batch_size, json_out=json_out, csv_out=csv_out, overwrite=overwrite, progress=advance,
-            total_callback=lambda total: advance(0, total=total))
-    console.print(evaluation_table(result))
+            batch_size=batch_size, json_out=None if to_stdout else json_out, csv_out=csv_out, overwrite=overwrite,
+            progress=advance, total_callback=lambda total: advance(0, total=total))
+    if to_stdout:
+        _write_json(result_to_dict(result), STDOUT, overwrite)
+        return
+    print_table(evaluation_table(result))
     for note in result.notes:
         console.print(f"note: {escape(note)}", highlight=False)
     for path in (json_out, csv_out):

@@ -43,8 +43,13 @@ def progress_bar(description: str, total: int | None, unit: str = "") -> Iterato
 
     Keyword fields (e.g. ``status="loss 0.31"``) replace the text shown after the bar. The bar
     appears at the first call, so that a command refusing its input before any work prints its
-    one-line error alone, without an empty bar before it.
+    one-line error alone, without an empty bar before it. When stdout is not a terminal (a pipe,
+    a log file), there is no bar: each stage ends with one plain line, ``stage: done/total unit``.
     """
+    if not console.is_terminal:
+        with _plain_progress(description, total, unit) as advance:
+            yield advance
+        return
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"),
                TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
@@ -63,6 +68,42 @@ def progress_bar(description: str, total: int | None, unit: str = "") -> Iterato
     finally:
         if task is not None:
             progress.stop()
+
+
+@contextlib.contextmanager
+def _plain_progress(description: str, total: int | None, unit: str) -> Iterator[Callable[..., None]]:
+    """``progress_bar`` for a pipe or a file: a plain, full line as each stage ends (no control
+    codes, nothing redrawn), and nothing at all before the first progress."""
+    state: dict[str, Any] = {"description": description, "total": total, "completed": 0, "status": "",
+                             "started": False}
+
+    def line() -> None:
+        done = f"{state['completed']}/{state['total']}" if state["total"] is not None else str(state["completed"])
+        status = f" ({state['status']})" if state["status"] else ""
+        console.print(escape(f"{state['description']}: {done}{' ' + unit if unit else ''}{status}"), highlight=False)
+
+    def advance(n: int = 1, **fields: Any) -> None:
+        if state["started"] and "description" in fields and fields["description"] != state["description"]:
+            line()  # the stage before ends
+            state["completed"] = 0
+        state["started"] = True
+        state["completed"] += n
+        state.update(fields)
+
+    try:
+        yield advance
+    finally:
+        if state["started"]:
+            line()
+
+
+def print_table(table: Table) -> None:
+    """A table on stdout; in a pipe or a file at its full width, never cut to a terminal's."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    # A console as wide as the table wants (Rich caps a print's width at its console's).
+    Console(file=console.file, width=100_000, soft_wrap=True).print(table)
 
 
 def key_value_table(title: str, rows: Mapping[str, Any]) -> Table:

@@ -605,14 +605,14 @@ def evaluate(
 # ----------------------------------------------------------------------------- outputs
 
 
-def _strict_json(value: Any) -> Any:
+def strict_json(value: Any) -> Any:
     """``value`` with every nan as None and every infinity as "inf" / "-inf": strict JSON has neither."""
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
-        return {key: _strict_json(item) for key, item in value.items()}
+        return {key: strict_json(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict_json(item) for item in value]
+        return [strict_json(item) for item in value]
     return value
 
 
@@ -638,7 +638,7 @@ def result_to_dict(result: EvaluationResult) -> dict[str, Any]:
 
 def write_json(result: EvaluationResult, path: str | Path, overwrite: bool = False) -> Path:
     """The result as strict JSON (``result_to_dict``; nan -> null, inf -> "inf"), written atomically."""
-    text = json.dumps(_strict_json(result_to_dict(result)), indent=2, allow_nan=False, default=str) + "\n"
+    text = json.dumps(strict_json(result_to_dict(result)), indent=2, allow_nan=False, default=str) + "\n"
     with atomic_output(path, overwrite=overwrite) as temporary:
         temporary.write_text(text, encoding="utf-8")
     return Path(path)

@@ -139,9 +139,10 @@ def metric_table(title: str, columns: Sequence[str], rows: Sequence[tuple[str, S
 def summary_cell(summary: Any | None, digits: int = 4) -> str:
     """A table cell for values summarized over volumes (``workflows.evaluate.Summary``).
 
-    "mean ± std" with ``digits`` decimals, so that a column lines up (the std from two values on),
-    then how many values were n/a (nan, e.g. RAVD of an empty reference) or infinite (PSNR of
-    identical images); "inf" when all were infinite.
+    "mean ± std [low, high]" with ``digits`` decimals, so that a column lines up (the std and the
+    bootstrap 95 % interval of the mean from two values on), then how many values were n/a (nan,
+    e.g. RAVD of an empty reference) or infinite (PSNR of identical images); "inf" when all were
+    infinite.
     """
     if summary is None or summary.count == 0:
         return "inf" if summary is not None and summary.infinite and not summary.missing else "n/a"
@@ -151,24 +152,37 @@ def summary_cell(summary: Any | None, digits: int = 4) -> str:
 
     text = fixed(summary.mean)
     if summary.count > 1:
-        text += f" ± {fixed(summary.std)}"
+        text += f" ± {fixed(summary.std)} [{fixed(summary.low)}, {fixed(summary.high)}]"
     extras = [f"{count} {what}" for count, what in ((summary.missing, "n/a"), (summary.infinite, "inf")) if count]
     return f"{text} ({', '.join(extras)})" if extras else text
 
 
+def column_count(summaries: Sequence[Any | None]) -> str:
+    """The n of one column (values per cell), "n=4"; "n=4/3" where the rows differ."""
+    counts = list(dict.fromkeys(summary.count if summary is not None else 0 for summary in summaries))
+    return "n=" + "/".join(str(count) for count in counts)
+
+
 def evaluation_table(result: Any, max_columns: int = 6) -> Table:
     """The table of a ``workflows.evaluate.EvaluationResult``, best cells marked: one row per model
-    (the paper's layout), or, past ``max_columns`` metric columns, one row per metric column."""
+    (the paper's layout), or, past ``max_columns`` metric columns, one row per metric column.
+    Every metric column carries its n (volumes, or values, per cell) and a cell's bracket is the
+    bootstrap 95 % interval of its mean."""
     cells = [[summary_cell(summary, column.digits) for summary, column in zip(summaries, result.columns)]
              for _, summaries in result.rows]
+    counts = [column_count([summaries[index] for summaries in result.summaries])
+              for index in range(len(result.columns))]
     labels = [column.label for column in result.columns]
     if len(labels) <= max_columns:
-        return metric_table(result.title, labels, list(zip(result.models, cells)), result.best)
+        return metric_table(result.title, [f"{label} ({count})" for label, count in zip(labels, counts)],
+                            list(zip(result.models, cells)), result.best)
     table = Table(title=escape(result.title), title_justify="left")
     table.add_column("", style="bold")
     for model in result.models:
         table.add_column(escape(model), justify="right")
+    table.add_column("n", justify="right")
     for index, label in enumerate(labels):
         table.add_row(escape(label), *[f"[bold green]{escape(row[index])}[/]" if result.best[index] == model
-                                       else escape(row[index]) for model, row in enumerate(cells)])
+                                       else escape(row[index]) for model, row in enumerate(cells)],
+                      counts[index].removeprefix("n="))
     return table

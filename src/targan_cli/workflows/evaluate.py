@@ -36,7 +36,7 @@ from targan_cli.config import IntensitySettings, ModalitySpec
 from targan_cli.core.device import pick_device
 from targan_cli.core.inference import translate_slices
 from targan_cli.core.intensity import body_mask, denormalize, normalize
-from targan_cli.core.metrics import FrechetDistance, dice, paired_metrics, ravd, summarize
+from targan_cli.core.metrics import FrechetDistance, bootstrap_interval, dice, paired_metrics, ravd, summarize
 from targan_cli.core.slicing import PlaneFit, from_model, plane_fit, to_model
 from targan_cli.data.dataset import PAIRED, Case, DataDir, open_data_dir
 from targan_cli.errors import TarganError, UsageError, counted
@@ -107,20 +107,24 @@ class Record:
 
 @dataclass(frozen=True)
 class Summary:
-    """Mean and population std of the finite values of one cell; nan and infinite values are counted
-    apart (RAVD of an empty reference is nan, PSNR of identical images infinite)."""
+    """Mean, population std and bootstrap 95 % interval of the mean (``low``, ``high``; nan below two
+    values) of the finite values of one cell; nan and infinite values are counted apart (RAVD of
+    an empty reference is nan, PSNR of identical images infinite). ``count`` is the n of the cell."""
 
     mean: float
     std: float
     count: int
     missing: int = 0
     infinite: int = 0
+    low: float = math.nan
+    high: float = math.nan
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Summary:
         array = np.asarray(values, dtype=np.float64)
         mean, std, count = summarize(array)
-        return cls(mean, std, count, int(np.isnan(array).sum()), int(np.isinf(array).sum()))
+        low, high = bootstrap_interval(array)
+        return cls(mean, std, count, int(np.isnan(array).sum()), int(np.isinf(array).sum()), low, high)
 
 
 @dataclass(frozen=True)
@@ -625,8 +629,8 @@ def result_to_dict(result: EvaluationResult) -> dict[str, Any]:
         "columns": [{"label": c.label, "metric": c.metric, "target": c.target, "region": c.region,
                      "lower_is_better": c.lower_is_better} for c in result.columns],
         "rows": [{"model": model, "cells": [
-            None if s is None else {"mean": s.mean, "std": s.std, "count": s.count, "missing": s.missing,
-                                    "infinite": s.infinite}
+            None if s is None else {"mean": s.mean, "std": s.std, "ci95": [s.low, s.high], "count": s.count,
+                                    "missing": s.missing, "infinite": s.infinite}
             for s in summaries]} for model, summaries in result.rows],
         "best": list(result.best),
         "notes": list(result.notes),

@@ -87,7 +87,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def full_run(setup: dict[str, Path]) -> EvaluationResult:
     """Every translation metric of the tiny generator, with JSON and CSV outputs."""
     return evaluate(ALL_TRANSLATION_METRICS, data=setup["data"], weights=[str(setup["weights"])],
-                    segmenters=setup["segmenters"], fid_features=setup["features"], device="cpu",
+                    segmenters=setup["segmenters"], fid_features=setup["features"], device="cpu", baselines=False,
                     json_out=setup["root"] / "run.json", csv_out=setup["root"] / "run.csv")
 
 
@@ -314,7 +314,9 @@ def test_evaluate_cli_end_to_end(setup: dict[str, Path]) -> None:
     assert result.exit_code == 0, result.output
     assert all(f"S {name}" in result.stdout for name in ("t1w", "t2w", "ct"))
     assert str(setup["weights"]) in result.stdout and " ± " in result.stdout
-    assert len(list(csv.DictReader(out.read_text().splitlines()[2:]))) == 12
+    assert len(list(csv.DictReader(out.read_text().splitlines()[2:]))) == 12 * 4  # the model, 3 baselines
+    assert f"{setup['weights']} beats identity (copy input) in " in result.stdout
+    assert "body mean-fill in " in result.stdout and "histogram-matched source in " in result.stdout
 
 
 @pytest.mark.parametrize("arguments, code, message", [

@@ -363,6 +363,9 @@ def evaluate(
         "--pred", help="dice, ravd: folder of predicted masks <case>.nii.gz; repeat to compare.")] = None,
     truth: Annotated[Optional[Path], typer.Option("--truth", help="dice, ravd: folder of ground-truth masks.")] = None,
     split: Annotated[str, typer.Option("--split", help="Dataset split to evaluate: test or train.")] = "test",
+    baselines: Annotated[bool, typer.Option(
+        "--baselines/--no-baselines", help="With translation metrics, also score the trivial baselines (identity, "
+                                           "body mean-fill, histogram-matched source) and say which the models beat.")] = True,
     json_out: Annotated[Optional[Path], typer.Option(
         "--json", help="Write every value and the settings as JSON; '-' prints it on stdout instead of the table.")] = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write every per-volume value as CSV.")] = None,
@@ -375,19 +378,23 @@ def evaluate(
 
     from targan_cli.console import console, evaluation_table, print_table, progress_bar, strong
     from targan_cli.workflows.evaluate import evaluate as run_evaluation
-    from targan_cli.workflows.evaluate import result_to_dict
+    from targan_cli.workflows.evaluate import BASELINE_LABELS, result_to_dict, verdict
 
     to_stdout = json_out == STDOUT
     with progress_bar("Evaluating", total=None, unit="volumes") as advance:
         result = run_evaluation(
             metric, data=data, weights=weights or (), segmenters=segmenters, fid_features=fid_features,
             inception_weights=inception_weights, predictions=pred or (), truth=truth, split=split, device=device,
-            batch_size=batch_size, json_out=None if to_stdout else json_out, csv_out=csv_out, overwrite=overwrite,
+            batch_size=batch_size, baselines=baselines, json_out=None if to_stdout else json_out, csv_out=csv_out,
+            overwrite=overwrite,
             progress=advance, total_callback=lambda total: advance(0, total=total))
     if to_stdout:
         _write_json(result_to_dict(result), STDOUT, overwrite)
         return
     print_table(evaluation_table(result))
+    if any(label in BASELINE_LABELS for label in result.models):
+        for model in (label for label in result.models if label not in BASELINE_LABELS):
+            console.print(escape(verdict(result, model)), highlight=False)
     for note in result.notes:
         console.print(f"note: {escape(note)}", highlight=False)
     for path in (json_out, csv_out):

@@ -120,6 +120,36 @@ def body_mask(normalized: np.ndarray, threshold: float = BODY_THRESHOLD,
     return mask
 
 
+QUANTILES = 1001  # points of an intensity distribution's quantile function (every 0.1 %)
+
+
+def body_quantiles(normalized: np.ndarray, mask: np.ndarray, points: int = QUANTILES) -> np.ndarray:
+    """The quantile function of the voxels where ``mask`` is set, at ``points`` evenly spaced levels
+    from 0 to 1. The average of several volumes' functions is their pooled distribution's
+    barycentre (the 1D Wasserstein mean), without holding all their voxels at once."""
+    values = np.asarray(normalized, dtype=np.float64)[np.asarray(mask, dtype=bool)]
+    if values.size == 0:
+        raise ValueError("no voxel in the mask")
+    return np.quantile(values, np.linspace(0.0, 1.0, points))
+
+
+def match_histogram(normalized: np.ndarray, mask: np.ndarray, reference: np.ndarray,
+                    background: float = -1.0) -> np.ndarray:
+    """Histogram matching: each masked voxel becomes the ``reference`` quantile (a quantile function,
+    ``body_quantiles``) at its own rank among the masked voxels (ties share their mean rank);
+    the order of intensities is kept, their distribution becomes the reference's. Voxels outside
+    the mask are ``background``."""
+    from scipy import stats
+
+    matched = np.full(np.shape(normalized), background, dtype=np.float32)
+    mask = np.asarray(mask, dtype=bool)
+    values = np.asarray(normalized, dtype=np.float64)[mask]
+    if values.size:
+        levels = (stats.rankdata(values) - 0.5) / values.size  # in (0, 1)
+        matched[mask] = np.interp(levels, np.linspace(0.0, 1.0, len(reference)), reference)
+    return matched
+
+
 def _official_slice_scaling(values: np.ndarray, noise_floor: float) -> np.ndarray:
     """Official TarGAN MR preprocessing: below ``noise_floor`` -> 0, then per-slice min-max to [0, 1]."""
     values = np.where(values < noise_floor, 0.0, values).astype(np.float32)

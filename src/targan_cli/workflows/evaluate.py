@@ -23,6 +23,7 @@ import math
 import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from targan_cli import __version__
 from targan_cli.config import IntensitySettings, ModalitySpec
 from targan_cli.core.device import pick_device
 from targan_cli.core.inference import translate_slices
-from targan_cli.core.intensity import body_mask, denormalize, normalize
+from targan_cli.core.intensity import body_mask, body_quantiles, denormalize, match_histogram, normalize
 from targan_cli.core.metrics import FrechetDistance, bootstrap_interval, dice, paired_metrics, ravd, summarize
 from targan_cli.core.slicing import PlaneFit, from_model, plane_fit, to_model
 from targan_cli.data.dataset import PAIRED, Case, DataDir, open_data_dir
@@ -182,6 +183,45 @@ def build_result(title: str, models: Sequence[str], columns: Sequence[Column], r
                             tuple(records), settings, _versions(), tuple(notes))
 
 
+def beaten_columns(result: EvaluationResult, model: str, baseline: str) -> dict[str, bool]:
+    """Per column where both rows have a value: whether ``model``'s mean is better than ``baseline``'s."""
+    ours, theirs = (result.summaries[result.models.index(label)] for label in (model, baseline))
+    beaten = {}
+    for column, mine, other in zip(result.columns, ours, theirs):
+        if mine is None or other is None or mine.count == 0 or other.count == 0:
+            continue
+        beaten[column.label] = mine.mean < other.mean if column.lower_is_better else mine.mean > other.mean
+    return beaten
+
+
+def verdict(result: EvaluationResult, model: str) -> str:
+    """One sentence, computed from the table: which baseline rows ``model`` beats in how many
+    columns, which columns it does not, and in how many its 95 % interval is clear of the
+    baseline's (from two volumes per cell on)."""
+    parts = []
+    for baseline in (label for label in result.models if label in BASELINE_LABELS):
+        beaten = beaten_columns(result, model, baseline)
+        lost = [label for label, won in beaten.items() if not won]
+        columns = {column.label: index for index, column in enumerate(result.columns)}
+        ours, theirs = (result.summaries[result.models.index(label)] for label in (model, baseline))
+        clear = sum(1 for label, won in beaten.items() if won and not _overlap(ours[columns[label]],
+                                                                                 theirs[columns[label]]))
+        text = f"{baseline} in {sum(beaten.values())} of {counted(len(beaten), 'column')}"
+        text += f" ({clear} with 95 % intervals apart)" if clear else ""
+        text += f", not in {', '.join(lost)}" if lost else ""
+        parts.append(text)
+    if not parts:
+        return f"{model}: no baseline rows to compare with."
+    return f"{model} beats " + "; ".join(parts) + "."
+
+
+def _overlap(first: Summary, second: Summary) -> bool:
+    """Whether two cells' 95 % intervals overlap (true when either has none)."""
+    if any(math.isnan(value) for value in (first.low, first.high, second.low, second.high)):
+        return True
+    return first.low <= second.high and second.low <= first.high
+
+
 # ----------------------------------------------------------------------------- options
 
 
@@ -240,6 +280,70 @@ def generator_model(weights: Weights, label: str, batch_size: int = 16) -> Evalu
     description = {"source": label, "folder": str(weights.folder), "preset": config.preset,
                    "image_size": config.model.image_size, "provenance": config.provenance}
     return EvaluatedModel(label, config.modalities, config.model.image_size, translate, description)
+
+
+# ----------------------------------------------------------------------------- trivial baselines
+
+IDENTITY_LABEL = "identity (copy input)"
+MEAN_FILL_LABEL = "body mean-fill"
+HISTOGRAM_LABEL = "histogram-matched source"
+BASELINE_LABELS = (IDENTITY_LABEL, MEAN_FILL_LABEL, HISTOGRAM_LABEL)
+
+
+def _target_distributions(data: DataDir, modalities: Sequence[ModalitySpec]) -> dict[str, tuple[float, np.ndarray]]:
+    """Per modality with training volumes: the mean body intensity and the body quantile function
+    (``body_quantiles``, averaged over volumes) in the normalized range, from the train split."""
+    distributions = {}
+    for spec in modalities:
+        means, quantiles = [], []
+        for case in data.cases("train", spec.name) if spec.name in data.spec.modality_names else ():
+            try:
+                normalized = normalize(to_slices(read_volume(case.image))[0], spec.intensity)
+            except TarganError as error:
+                raise _named(error, f"{spec.name} training case {case.case_id}", case.image) from None
+            mask = body_mask(normalized)
+            if mask.any():
+                means.append(float(normalized[mask].mean()))
+                quantiles.append(body_quantiles(normalized, mask))
+        if means:
+            distributions[spec.name] = (float(np.mean(means)), np.mean(quantiles, axis=0))
+    return distributions
+
+
+def trivial_baselines(data: DataDir, modalities: Sequence[ModalitySpec],
+                      image_size: int) -> tuple[list[EvaluatedModel], list[str]]:
+    """The baselines a translation model must beat, on ``modalities``' intensity settings: the input
+    itself; the source's body filled with the target modality's mean body intensity; the source
+    histogram-matched to the target's body intensities (both from the train split). Returns them
+    and a note for each one that cannot be built (no training volumes of a modality)."""
+    modalities = tuple(modalities)
+    distributions = _target_distributions(data, modalities)
+
+    def identity(case: Case, slices: np.ndarray, source: str, target: str) -> np.ndarray:
+        return slices
+
+    def mean_fill(case: Case, slices: np.ndarray, source: str, target: str) -> np.ndarray:
+        return np.where(body_mask(slices), np.float32(distributions[target][0]), np.float32(BACKGROUND))
+
+    def histogram(case: Case, slices: np.ndarray, source: str, target: str) -> np.ndarray:
+        return match_histogram(slices, body_mask(slices), distributions[target][1], BACKGROUND)
+
+    baselines = [EvaluatedModel(IDENTITY_LABEL, modalities, image_size, identity,
+                                {"source": IDENTITY_LABEL, "description": "copies the input"})]
+    missing = [spec.name for spec in modalities if spec.name not in distributions]
+    if missing:
+        return baselines, [f"no training volumes of {', '.join(missing)}: the {MEAN_FILL_LABEL} and "
+                           f"{HISTOGRAM_LABEL} baselines need them and are left out"]
+    baselines += [
+        EvaluatedModel(MEAN_FILL_LABEL, modalities, image_size, mean_fill,
+                       {"source": MEAN_FILL_LABEL, "description": "the source's body mask filled with the target "
+                        "modality's mean body intensity (train split)",
+                        "means": {name: mean for name, (mean, _) in distributions.items()}}),
+        EvaluatedModel(HISTOGRAM_LABEL, modalities, image_size, histogram,
+                       {"source": HISTOGRAM_LABEL, "description": "the source's body intensities matched to the "
+                        "target modality's body histogram (train split); background kept"}),
+    ]
+    return baselines, []
 
 
 # ----------------------------------------------------------------------------- translation metrics
@@ -554,6 +658,7 @@ def evaluate(
     split: str = "test",
     device: str = "auto",
     batch_size: int = 16,
+    baselines: bool = True,
     json_out: str | Path | None = None,
     csv_out: str | Path | None = None,
     overwrite: bool = False,
@@ -563,7 +668,8 @@ def evaluate(
     """`targan evaluate`: check every option and output first, then compute, then write JSON/CSV.
 
     Translation metrics need ``data`` and ``weights`` (none: $TARGAN_WEIGHTS or the default
-    repo); dice and ravd need ``predictions`` and ``truth``.
+    repo) and, with ``baselines``, rows for the trivial baselines (``trivial_baselines``) follow
+    the models'; dice and ravd need ``predictions`` and ``truth``.
     """
     metrics = parse_metrics(metrics)
     if batch_size < 1:
@@ -595,10 +701,13 @@ def evaluate(
         models = [generator_model(load_weights(source, None, torch_device), source, batch_size) for source in sources]
         features, features_description = (_fid_features(fid_features, inception_weights, models[0].image_size)
                                           if "fid" in metrics else (None, None))
-        result = evaluate_models(dataset, models, metrics, split=split, segmenters=segmenters,
+        extra, notes = (trivial_baselines(dataset, models[0].modalities, models[0].image_size) if baselines
+                        else ([], []))
+        result = evaluate_models(dataset, models + extra, metrics, split=split, segmenters=segmenters,
                                  fid_features=features, device=torch_device, batch_size=batch_size,
                                  settings={"fid_features": features_description},
                                  progress=progress, total_callback=total_callback)
+        result = dataclasses.replace(result, notes=(*notes, *result.notes))
     if json_out is not None:
         write_json(result, json_out, overwrite)
     if csv_out is not None:

@@ -63,4 +63,10 @@ def test_the_verdict_is_computed_from_the_numbers() -> None:
     result = build_result("t", list(values), columns, records, {})
     text = verdict(result, "model")
     assert text == ("model beats identity (copy input) in 2 of 2 columns (2 with 95 % intervals apart); "
-                    "body mean-fill in 0 of 2 columns, not in PSNR ct body, MAE ct body.")
+                    "body mean-fill in 0 of 2 columns.")
+    values[MEAN_FILL_LABEL] = ([31.0, 35.0], [0.15, 0.16])  # now the model's MAE is better
+    records = [Record(model, column.metric, column.target, column.region, f"case{i}", "t1w", value)
+               for model, cells in values.items() for column, pair in zip(columns, cells)
+               for i, value in enumerate(pair)]
+    assert verdict(build_result("t", list(values), columns, records, {}), "model").endswith(
+        "body mean-fill in 1 of 2 columns (1 with 95 % intervals apart), not in PSNR ct body.")

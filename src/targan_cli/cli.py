@@ -381,7 +381,7 @@ def evaluate(
     from targan_cli.workflows.evaluate import BASELINE_LABELS, result_to_dict, verdict
 
     to_stdout = json_out == STDOUT
-    with progress_bar("Evaluating", total=None, unit="volumes") as advance:
+    with progress_bar("Evaluating", total=None, unit="volumes", quiet=to_stdout) as advance:
         result = run_evaluation(
             metric, data=data, weights=weights or (), segmenters=segmenters, fid_features=fid_features,
             inception_weights=inception_weights, predictions=pred or (), truth=truth, split=split, device=device,
@@ -464,25 +464,33 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes.")] = Path("targan-demo"),
     device: DeviceOpt = "auto",
     quick: Annotated[bool, typer.Option("--quick", help="A seconds-long smoke run (tiny data, a few steps).")] = False,
+    json_out: JsonOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Run the whole pipeline offline on synthetic phantoms: data, training, translation, evaluation, report."""
-    from targan_cli.console import console, evaluation_table, progress_bar, strong
-    from targan_cli.workflows.demo import DemoProgress, run_demo
+    from rich.markup import escape
 
-    with progress_bar("Demo", total=None) as advance:
+    from targan_cli.console import console, evaluation_table, print_table, progress_bar, strong
+    from targan_cli.workflows.demo import DemoProgress, demo_summary, run_demo
+
+    _check_json(json_out, overwrite)
+    with progress_bar("Demo", total=None, quiet=json_out == STDOUT) as advance:
         def report(event: DemoProgress) -> None:
             advance(0, description=event.stage, total=event.total, completed=event.done)
 
         result = run_demo(out, device=device, quick=quick, overwrite=overwrite, progress=report)
-    console.print(evaluation_table(result.evaluation))
-    won = sum(result.wins.values())
-    console.print(f"The demo model beats the identity baseline in {won} of {len(result.wins)} columns "
-                  "(per column: demo.json).")
+    if json_out == STDOUT:
+        _write_json(demo_summary(result), STDOUT, overwrite)
+        return
+    print_table(evaluation_table(result.evaluation))
+    if quick:
+        console.print("A --quick smoke run: the install works; the model had no time to learn.")
+    console.print(escape(result.verdict), highlight=False)
     console.print(f"Report   {strong(result.report)}")
     console.print(f"Montage  {strong(result.montage)}")
     console.print(f"Metrics  {strong(result.metrics)}")
     console.print(f"Weights  {strong(result.weights)}  ({result.seconds:.0f} s on {result.device})")
+    _write_json(demo_summary(result), json_out, overwrite)
 
 
 @data_app.command("phantom")

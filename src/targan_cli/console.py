@@ -38,14 +38,19 @@ def print_warning(message: str) -> None:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int | None, unit: str = "") -> Iterator[Callable[..., None]]:
+def progress_bar(description: str, total: int | None, unit: str = "",
+                 quiet: bool = False) -> Iterator[Callable[..., None]]:
     """A Rich progress bar; yields ``advance(n=1, **fields)`` for library callbacks.
 
     Keyword fields (e.g. ``status="loss 0.31"``) replace the text shown after the bar. The bar
     appears at the first call, so that a command refusing its input before any work prints its
     one-line error alone, without an empty bar before it. When stdout is not a terminal (a pipe,
     a log file), there is no bar: each stage ends with one plain line, ``stage: done/total unit``.
+    ``quiet`` shows nothing (stdout carries JSON alone).
     """
+    if quiet:
+        yield lambda n=1, **fields: None
+        return
     if not console.is_terminal:
         with _plain_progress(description, total, unit) as advance:
             yield advance
@@ -157,12 +162,6 @@ def summary_cell(summary: Any | None, digits: int = 4) -> str:
     return f"{text} ({', '.join(extras)})" if extras else text
 
 
-def column_count(summaries: Sequence[Any | None]) -> str:
-    """The n of one column (values per cell), "n=4"; "n=4/3" where the rows differ."""
-    counts = list(dict.fromkeys(summary.count if summary is not None else 0 for summary in summaries))
-    return "n=" + "/".join(str(count) for count in counts)
-
-
 def evaluation_table(result: Any, max_columns: int = 6) -> Table:
     """The table of a ``workflows.evaluate.EvaluationResult``, best cells marked: one row per model
     (the paper's layout), or, past ``max_columns`` metric columns, one row per metric column.
@@ -170,11 +169,10 @@ def evaluation_table(result: Any, max_columns: int = 6) -> Table:
     bootstrap 95 % interval of its mean."""
     cells = [[summary_cell(summary, column.digits) for summary, column in zip(summaries, result.columns)]
              for _, summaries in result.rows]
-    counts = [column_count([summaries[index] for summaries in result.summaries])
-              for index in range(len(result.columns))]
+    counts = [result.column_count(index) for index in range(len(result.columns))]
     labels = [column.label for column in result.columns]
     if len(labels) <= max_columns:
-        return metric_table(result.title, [f"{label} ({count})" for label, count in zip(labels, counts)],
+        return metric_table(result.title, [f"{label} (n={count})" for label, count in zip(labels, counts)],
                             list(zip(result.models, cells)), result.best)
     table = Table(title=escape(result.title), title_justify="left")
     table.add_column("", style="bold")
@@ -184,5 +182,5 @@ def evaluation_table(result: Any, max_columns: int = 6) -> Table:
     for index, label in enumerate(labels):
         table.add_row(escape(label), *[f"[bold green]{escape(row[index])}[/]" if result.best[index] == model
                                        else escape(row[index]) for model, row in enumerate(cells)],
-                      counts[index].removeprefix("n="))
+                      counts[index])
     return table

@@ -146,6 +146,11 @@ class EvaluationResult:
     def rows(self) -> list[tuple[str, tuple[Summary | None, ...]]]:
         return list(zip(self.models, self.summaries))
 
+    def column_count(self, index: int) -> str:
+        """The n of column ``index``: values per cell ("4"; "4/3" where the rows differ)."""
+        counts = (row[index].count if row[index] is not None else 0 for row in self.summaries)
+        return "/".join(str(count) for count in dict.fromkeys(counts))
+
 
 def _versions() -> dict[str, str]:
     import torchmetrics
@@ -196,8 +201,8 @@ def beaten_columns(result: EvaluationResult, model: str, baseline: str) -> dict[
 
 def verdict(result: EvaluationResult, model: str) -> str:
     """One sentence, computed from the table: which baseline rows ``model`` beats in how many
-    columns, which columns it does not, and in how many its 95 % interval is clear of the
-    baseline's (from two volumes per cell on)."""
+    columns, which columns it does not (or, where it loses most, which it does), and in how many
+    its 95 % interval is clear of the baseline's (from two volumes per cell on)."""
     parts = []
     for baseline in (label for label in result.models if label in BASELINE_LABELS):
         beaten = beaten_columns(result, model, baseline)
@@ -208,7 +213,11 @@ def verdict(result: EvaluationResult, model: str) -> str:
                                                                                  theirs[columns[label]]))
         text = f"{baseline} in {sum(beaten.values())} of {counted(len(beaten), 'column')}"
         text += f" ({clear} with 95 % intervals apart)" if clear else ""
-        text += f", not in {', '.join(lost)}" if lost else ""
+        won = [label for label, better in beaten.items() if better]
+        if lost and len(won) >= len(lost):  # name the shorter list
+            text += f", not in {', '.join(lost)}"
+        elif won and lost:
+            text += f", only in {', '.join(won)}"
         parts.append(text)
     if not parts:
         return f"{model}: no baseline rows to compare with."

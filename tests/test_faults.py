@@ -200,7 +200,7 @@ def test_train_killed_while_checkpointing_resumes_and_finishes(tmp_path: Path) -
     write_phantom_dataset(data, cases=1, size=32, slices=4, test_cases=1)
     checkpoints = run / "checkpoints"
     arguments = ["train", "--data", str(data), "--out", str(run), "--max-steps", "3", "--checkpoint-every", "1",
-                 *TINY_TRAIN]
+                 "--keep", "3", *TINY_TRAIN]
 
     # Killed while the checkpoint of step 2 is being written over the complete one of step 1 (or,
     # should the poll miss that, right after).

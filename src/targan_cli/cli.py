@@ -287,7 +287,9 @@ def train(
     ema_decay: Annotated[float, typer.Option("--ema-decay", help="Decay of the generator's moving average (the exported, "
                                              "EMA generator); lower it for runs of a few hundred steps.",
                                              rich_help_panel="Loss weights")] = 0.999,
-    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Also checkpoint every N steps (step_N.pt). Default: each epoch.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Also checkpoint every N steps. Default: each epoch.")] = None,
+    keep: Annotated[int, typer.Option("--keep", help="Checkpoints to keep: last.pt and the N - 1 before it (step_N.pt); "
+                                                     "--resume falls back to those when last.pt is damaged.")] = 1,
     log_every: Annotated[int, typer.Option("--log-every", help="Log the losses every N steps.")] = 10,
     sample_every: Annotated[int, typer.Option("--sample-every", help="Write samples/epoch_N.png every N epochs (0: never).")] = 1,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the generator and shape controller.")] = False,
@@ -299,7 +301,7 @@ def train(
 
     from rich.markup import escape
 
-    from targan_cli.console import console, counted, format_value, print_warning, progress_bar, strong
+    from targan_cli.console import console, counted, file_size, format_value, print_warning, progress_bar, strong
     from targan_cli.workflows.train import TrainProgress, is_main_process
     from targan_cli.workflows.train import train as run_training
 
@@ -311,12 +313,18 @@ def train(
         lambda_gp=lambda_gp, lambda_rcls=lambda_rcls, lambda_fcls=lambda_fcls, lambda_rec=lambda_rec,
         lambda_cross=lambda_cross, lambda_u=lambda_u, lambda_shape=lambda_shape, lr_g=lr_g, lr_d=lr_d, ema_decay=ema_decay,
         checkpoint_every=checkpoint_every, log_every=log_every, sample_every=sample_every, compile=compile,
-        overwrite=overwrite)
+        keep=keep, overwrite=overwrite)
     if not is_main_process():  # ranks > 0 of a torchrun launch: rank 0 reports
         run_training(data, run_dir, **options)
         return
     with progress_bar("Preparing slices", total=None) as advance:
         def report(event: TrainProgress) -> None:
+            if event.phase == "notice":
+                if event.warning:
+                    print_warning(event.message)
+                else:
+                    console.print(escape(event.message), highlight=False)
+                return
             fields: dict = {"total": event.total, "completed": event.done}
             if event.phase == "train":
                 fields["description"] = f"Epoch {event.epoch}/{event.epochs}"
@@ -329,7 +337,8 @@ def train(
         result = run_training(data, run_dir, progress=report, **options)
     if result.interrupted:
         command = ["targan", *[arg for arg in sys.argv[1:] if arg not in ("--overwrite", "--resume")], "--resume"]
-        print_warning(f"stopped at step {result.steps}; checkpoint saved to {result.checkpoint}")
+        print_warning(f"stopped at step {result.steps}; checkpoint saved to {result.checkpoint} "
+                      f"({file_size(result.checkpoint.stat().st_size)}); exported weights in {result.export_dir}")
         console.print(f"Resume with: {strong(shlex.join(command))}")
         raise typer.Exit(130)
     console.print(f"Trained {counted(result.steps, 'step')} ({counted(result.epochs_completed, 'epoch')}) in "

@@ -111,6 +111,14 @@ def print_table(table: Table) -> None:
     Console(file=console.file, width=100_000, soft_wrap=True).print(table)
 
 
+def file_size(size: int) -> str:
+    """A file size in words: "512 bytes", "1.6 GB" (decimal units, as `ls -h --si` and file managers)."""
+    if size < 1000:
+        return counted(size, "byte")
+    exponent = min(int(math.log(size, 1000)), 4)  # 1: kB ... 4: TB
+    return f"{size / 1000 ** exponent:.1f} {('kB', 'MB', 'GB', 'TB')[exponent - 1]}"
+
+
 def key_value_table(title: str, rows: Mapping[str, Any]) -> Table:
     table = Table(title=escape(title), show_header=False, title_justify="left")
     table.add_column("field", style="bold")

@@ -286,6 +286,8 @@ def run_demo(out: str | Path = "targan-demo", *, device: str = "auto", quick: bo
     data = open_data_dir(out / DATA)
 
     def train_progress(event: TrainProgress) -> None:
+        if event.phase == "notice":  # the demo's run is short and its settings fixed
+            return
         stage = "Training" if event.phase == "train" else "Preparing slices"
         report(DemoProgress(stage, event.done, event.total))
 

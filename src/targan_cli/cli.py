@@ -194,7 +194,7 @@ def translate(
     """Translate whole volumes into another modality; the output keeps the input's geometry."""
     from rich.markup import escape
 
-    from targan_cli.console import console, counted, progress_bar, strong
+    from targan_cli.console import console, counted, print_warning, progress_bar, strong
     from targan_cli.workflows.translate import translate as translate_volumes
 
     with progress_bar("Translating", total=None, unit="slices") as advance:
@@ -210,6 +210,8 @@ def translate(
     sources = ", ".join(dict.fromkeys(choice.name for choice in result.sources))
     console.print(f"Wrote {strong(written)} ({escape(sources)} → {escape(result.target)}): {counted(result.slices, 'slice')} "
                   f"in {result.seconds:.1f} s, {result.slices_per_second:.1f} slices/s on {result.device}")
+    for choice in dict.fromkeys(choice for choice in result.sources if choice.doubt is not None):
+        print_warning(choice.doubt)
     for choice in dict.fromkeys(choice for choice in result.sources if choice.reason is not None):
         console.print(f"--from {escape(choice.name)} was inferred: {escape(choice.reason)}; pass --from to choose",
                       highlight=False)

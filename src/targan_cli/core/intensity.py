@@ -158,12 +158,36 @@ def _official_slice_scaling(values: np.ndarray, noise_floor: float) -> np.ndarra
     return np.divide(values - low, span, out=np.zeros_like(values), where=span > 0)
 
 
+# guess_kind's thresholds. Hounsfield units put air near -1000: a CT scan has at least a little of
+# it (around the body, in the lungs and bowel) in its lowest percentile. MR magnitudes are not
+# negative, except for small dips where resampling (sinc or spline interpolation) undershoots
+# next to edges: a few voxels at a few percent of the bright tissue at most.
+_CT_AIR_HU = -500.0
+_MR_UNDERSHOOT = 0.05  # of the bright tissue level (99th percentile)
+_MR_NEGATIVE_FRACTION = 0.01
+_GUESS_VOXELS = 2_000_000  # voxels looked at, evenly spaced through the volume
+
+
 def guess_kind(values: np.ndarray) -> str | None:
-    """"ct" for Hounsfield units (air about -1000: over 1 % of the voxels below -500), "mr" for
-    non-negative values, None when neither fits (e.g. a volume already scaled to [-1, 1])."""
+    """"ct", "mr" or None (neither fits, e.g. a volume already scaled to [-1, 1]) from the intensity
+    distribution's percentiles and shape, never from a single extreme voxel.
+
+    CT: Hounsfield units, the lowest percentile in air (below -500 HU), the highest in tissue.
+    MR: at most 1 % of the voxels negative and none of them far below zero (the 0.1st percentile
+    within 5 % of the 99th percentile's level), with a bright tail well above the median (a
+    body's signal over a dark background).
+    """
     flat = np.asarray(values).ravel()
+    flat = flat[:: max(1, flat.size // _GUESS_VOXELS)].astype(np.float64)  # an even sample is enough
+    flat = flat[np.isfinite(flat)]
     if flat.size == 0:
         return None
-    if np.count_nonzero(flat < -500) > 0.01 * flat.size:
+    p01, p1, p50, p99 = np.percentile(flat, [0.1, 1.0, 50.0, 99.0])
+    if p1 < _CT_AIR_HU and p99 > _CT_AIR_HU:
         return "ct"
-    return "mr" if flat.min() >= 0 else None
+    if p99 <= 0:
+        return None
+    negative = np.count_nonzero(flat < 0) / flat.size
+    if negative <= _MR_NEGATIVE_FRACTION and p01 >= -_MR_UNDERSHOOT * p99 and p99 > p50:
+        return "mr"
+    return None

@@ -68,6 +68,7 @@ class SourceChoice:
 
     name: str
     reason: str | None = None  # None: given with --from
+    doubt: str | None = None  # --from names a modality of another kind than the input looks like
 
 
 def infer_source(config: WeightsConfig, volume: Volume, source: str | None, target: str) -> SourceChoice:
@@ -77,10 +78,16 @@ def infer_source(config: WeightsConfig, volume: Volume, source: str | None, targ
     only modality other than ``target``. Otherwise a usage error listing the names. A DICOM
     series of another modality (PT, US...) needs --from.
     """
+    tag = volume.modality
     if source is not None:
         config.modality_index(source)
+        kind = config.intensity(source).kind
+        seen = tag.lower() if tag in ("CT", "MR") else guess_kind(volume.array) if tag is None else None
+        if seen is not None and seen != kind:
+            evidence = f"the DICOM series is {tag}" if tag is not None else f"its values look like {seen.upper()}"
+            return SourceChoice(source, doubt=f"--from {source} is {kind.upper()} in these weights but {evidence}; "
+                                              "check --from (translations of the wrong modality are meaningless)")
         return SourceChoice(source)
-    tag = volume.modality
     if tag is not None and tag not in ("CT", "MR"):
         raise UsageError(f"the DICOM series is {tag}, not CT or MR: pass --from with the modality "
                          f"to treat it as, one of {_modalities(config)}", volume.source)

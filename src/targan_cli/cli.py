@@ -433,6 +433,7 @@ def train_segmenter(
 ) -> None:
     """Train a 2D U-Net liver segmenter on real slices of one modality (for the S-score)."""
     from targan_cli.console import console, counted, progress_bar, strong
+    from targan_cli.workflows.segment import LOSS_NAME
     from targan_cli.workflows.segment import train_segmenter as run_training
 
     with progress_bar(f"Training the {modality} segmenter", total=None, unit="steps") as advance:
@@ -441,8 +442,9 @@ def train_segmenter(
                               overwrite=overwrite, progress=advance,
                               total_callback=lambda total: advance(0, total=total))
     console.print(f"Wrote {strong(result.folder)} ({result.modality}: {counted(result.train_cases, 'case')}, "
-                  f"{counted(result.train_slices, 'slice')}, final loss {result.epoch_losses[-1]:.4f}, "
-                  f"{result.seconds:.1f} s on {result.device})")
+                  f"{counted(result.train_slices, 'slice')}, {result.seconds:.1f} s on {result.device})")
+    console.print(f"{LOSS_NAME} (the optimised objective) of the final weights on the "
+                  f"{counted(result.train_slices, 'training slice')}: {result.final_loss:.4f}")
     if result.test_dice is not None:
         console.print(f"Dice on {counted(result.test_cases, 'real test volume')}: {result.test_dice:.2f} %")
 

@@ -628,17 +628,20 @@ def evaluate_segmentations(predictions: Sequence[str | Path], truth: str | Path,
     labels = [str(path) for path in predictions]
     if len(set(labels)) != len(labels):
         raise UsageError(f"pass each --pred folder once, got {', '.join(labels)}")
+    predicted = {label: {case_id(path): path for path in list_volumes(folder)}
+                 for label, folder in zip(labels, map(Path, predictions))}
+    for label, folder in zip(labels, map(Path, predictions)):  # every case found before any is read
+        for case in map(case_id, truth_files):
+            if case not in predicted[label]:
+                raise TarganError(f"no prediction for case {case!r} (expected {case}.nii.gz here)", folder)
     if total_callback is not None:
         total_callback(len(labels) * len(truth_files))
     records: list[Record] = []
     notes: list[str] = []
-    for label, folder in zip(labels, map(Path, predictions)):
-        predicted = {case_id(path): path for path in list_volumes(folder)}
+    for label in labels:
         for truth_file in truth_files:
             case = case_id(truth_file)
-            if case not in predicted:
-                raise TarganError(f"no prediction for case {case!r} (expected {case}.nii.gz here)", folder)
-            prediction, reference = _read_pair(predicted[case], truth_file)
+            prediction, reference = _read_pair(predicted[label][case], truth_file)
             values = {"dice": dice(prediction, reference), "ravd": ravd(prediction, reference)}
             if "ravd" in metrics and math.isnan(values["ravd"]):
                 notes.append(f"{label}: RAVD n/a for case {case} (empty reference)")

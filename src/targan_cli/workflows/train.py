@@ -598,6 +598,11 @@ def train(
     except TarganError as error:
         raise UsageError(error.message) from None
     processes = _Processes.from_env()
+    if checkpoint is not None:  # the settings that need no data, checked before the data are loaded
+        early = {"preset": preset, "model": model_config.to_dict(), "train": train_config.to_dict(),
+                 "batch_size": batch_size, "seed": seed, "world_size": processes.world_size}
+        _check_resume_settings({key: value for key, value in checkpoint["settings"].items() if key in early},
+                               early, resume_from)
     torch_device, owns_group = _start_processes(processes, device)
     try:
         dtype = check_precision(precision, torch_device)

@@ -21,7 +21,7 @@ from targan_cli.core.inference import generator_device, translate_slices
 from targan_cli.core.intensity import denormalize, guess_kind, normalize
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import check_writable
-from targan_cli.io.montage import save_montage
+from targan_cli.io.montage import describe_window, modality_window, save_montage
 from targan_cli.io.volume import (Volume, canonical_depth, case_id, check_nifti_output, from_slices,
                                   is_volume_path, list_volumes, read_volume, slice_frame, to_slices, write_volume)
 from targan_cli.io.weights import Weights, load_weights
@@ -191,16 +191,21 @@ def _plan(input: Path, output: Path, num_parts: int, part_id: int,
 
 def _preview(path: Path, translation: _Translation, source: str, target: str, config: WeightsConfig,
              overwrite: bool) -> Path:
-    """Input beside output for the preview slices; CT columns in the CT window."""
+    """Input beside output for the preview slices, each in its modality's one window (CT: the HU
+    window; MR: 0 to the weights' reference level), as the caption says; an MR modality without a
+    reference level is windowed per image."""
 
     def window(name: str) -> tuple[float, float] | None:
         settings = config.intensity(name)
-        return settings.window if settings.kind == "ct" else None
+        return None if settings.kind == "mr" and settings.reference_high is None else modality_window(settings)
 
+    windows = [window(source), window(target)]
+    caption = "; ".join(describe_window(name, config.intensity(name)) if shown is not None else f"{name}: per image"
+                        for name, shown in zip((source, target), windows))
     rows = [[image, output] for image, output in zip(translation.input_preview, translation.output_preview)]
     return save_montage(path, rows, [f"slice {i + 1}/{translation.depth}" for i in translation.shown],
                         [f"input ({source})", f"output ({target})"], overwrite,
-                        column_windows=[window(source), window(target)])
+                        column_windows=windows, caption=f"Windows: {caption}")
 
 
 def translate(

@@ -13,7 +13,8 @@ from targan_cli.cli import app
 from targan_cli.io.volume import read_volume
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+    """The --quick demo, trained once per test session and shared by the tests that read it."""
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "targan-demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--quick", "--device", "cpu"])

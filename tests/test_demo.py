@@ -14,8 +14,8 @@ from targan_cli.io.volume import read_volume
 
 
 @pytest.fixture(scope="session")
-    """The --quick demo, trained once per test session and shared by the tests that read it."""
 def demo(tmp_path_factory):
+    """The --quick demo, trained once per test session and shared by the tests that read it."""
     out = tmp_path_factory.mktemp("demo") / "targan-demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--quick", "--device", "cpu"])
     assert result.exit_code == 0, result.output

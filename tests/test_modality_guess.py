@@ -1,5 +1,6 @@
 """The input's modality from its intensities: real-like MR (noise, a slightly negative minimum from
-resampling undershoot) and CT profiles; a --from that contradicts the input is warned about."""
+resampling undershoot) and CT profiles; a --from that contradicts the input is warned about; the
+preview shows each modality in its one window."""
 
 from pathlib import Path
 
@@ -94,3 +95,26 @@ def test_a_wrong_from_is_warned_about(tmp_path: Path, weights: Path) -> None:
     guessed = CliRunner().invoke(app, ["translate", str(path), "--to", "ct", "-o", str(tmp_path / "out3.nii.gz"),
                                        "--weights", str(weights), "--device", "cpu"])
     assert guessed.exit_code == 2 and "values look like MR, which fits several modalities" in guessed.stderr
+
+
+def test_the_preview_shows_mr_in_its_modality_window(tmp_path: Path, weights: Path) -> None:
+    """An MR input whose body is at half the weights' reference level shows mid-grey (one window,
+    0 to the reference level), not white as a window fitted to each image would make it."""
+    from PIL import Image
+
+    from weights_factories import TINY_REFERENCE_HIGH
+
+    volume = np.zeros((24, 24, 8), dtype=np.float32)
+    volume[4:20, 4:20] = TINY_REFERENCE_HIGH / 2
+    path = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
+    result = CliRunner().invoke(app, ["translate", str(path), "--from", "t1w", "--to", "t2w", "-o",
+                                      str(tmp_path / "out.nii.gz"), "--weights", str(weights), "--device", "cpu",
+                                      "--preview", str(tmp_path / "qc.png")])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "qc.png") as image:
+        pixels = np.asarray(image.convert("L"))
+    tile, margin = 192, 6
+    left = pixels.shape[1] - 2 * (tile + margin)  # the input column, after the row labels
+    column = pixels[40:-40, left + 4:left + tile - 4]  # below the column label, above the caption
+    assert abs(int(column.max()) - 128) <= 2

@@ -4,6 +4,8 @@ whose numbers are the JSON's."""
 import json
 import re
 
+import numpy as np
+
 import pytest
 from typer.testing import CliRunner
 
@@ -11,8 +13,9 @@ from targan_cli.cli import app
 from targan_cli.io.volume import read_volume
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def demo(tmp_path_factory):
+    """The --quick demo, trained once per test session and shared by the tests that read it."""
     out = tmp_path_factory.mktemp("demo") / "targan-demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--quick", "--device", "cpu"])
     assert result.exit_code == 0, result.output
@@ -26,19 +29,28 @@ def test_every_promised_file_exists(demo):
                  "run/export/config.json"):
         assert (out / name).is_file(), name
     assert f"Report   {out / 'report.md'}" in stdout
-    assert "identity baseline" in stdout
+    assert "TarGAN (demo) beats identity (copy input) in " in stdout
 
 
-def test_translations_keep_their_inputs_geometry(demo):
+def test_every_file_the_report_names_exists(demo):
     out, _ = demo
-    outputs = sorted((out / "translations").glob("*.nii.gz"))
-    assert len(outputs) == 6  # three sources, two targets each
-    for path in outputs:
-        case, source = re.match(r"(.+)_(\w+?)_to_\w+\.nii\.gz", path.name).groups()
-        original = read_volume(out / "data" / "test" / source / "images" / f"{case}.nii.gz")
-        translated = read_volume(path)
-        assert translated.shape == original.shape
-        assert (translated.affine == original.affine).all()
+    report = (out / "report.md").read_text()
+    named = [name for name in re.findall(r"`([^`\s]+)`", report) + re.findall(r"\]\(([^)\s]+)\)", report)
+             if "/" in name or re.search(r"\.(png|json|jsonl|md|pt|nii\.gz|safetensors)$", name)]
+    assert len(named) > 10
+    missing = [name for name in named if not (out / name).exists() and not name.startswith("docs/")]
+    assert not missing, missing
+    assert "sample" not in report  # the demo writes no sample grids
+
+
+def test_quick_wording_follows_the_options(demo):
+    from targan_cli.workflows.demo import FULL, _report
+
+    out, stdout = demo
+    report = (out / "report.md").read_text()
+    assert "a `--quick` smoke run" in report and "--max-steps 4 " in report and "4 steps where" in report
+    assert "A --quick smoke run" in stdout
+    assert "get the layout" not in report and "scores about the same" not in report  # no fixed claims
 
 
 def test_the_report_shows_the_json_numbers(demo):
@@ -46,17 +58,51 @@ def test_the_report_shows_the_json_numbers(demo):
     metrics = json.loads((out / "metrics.json").read_text())
     report = (out / "report.md").read_text()
     labels = [column["label"] for column in metrics["columns"]]
-    assert [row["model"] for row in metrics["rows"]] == ["TarGAN (demo)", "identity (copy input)"]
-    table = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:4]]
-             for line in report.splitlines() if line.startswith("| ") and "±" in line}
+    models = [row["model"] for row in metrics["rows"]]
+    assert models == ["TarGAN (demo)", "identity (copy input)", "body mean-fill", "histogram-matched source"]
+    assert f"| metric | {' | '.join(models)} | n |" in report
+    table = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+             for line in report.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in labels}
     assert sorted(table) == sorted(labels)
     for index, label in enumerate(labels):
-        for row, cell in zip(metrics["rows"], table[label]):
-            summary = row["cells"][index]
-            assert cell == f"{summary['mean']:.3f} ± {summary['std']:.3f}", (label, row["model"])
-    verdicts = json.loads((out / "demo.json").read_text())["beats_identity_baseline"]
-    assert set(verdicts) == set(labels)
-    assert f"in {sum(verdicts.values())} of {len(verdicts)} columns" in report
+        cells = [row["cells"][index] for row in metrics["rows"]]
+        for cell, summary in zip(table[label], cells):
+            low, high = summary["ci95"]
+            assert cell == f"{summary['mean']:.3f} [{low:.3f}, {high:.3f}]", (label, cell)
+        assert table[label][-1] == str(cells[0]["count"])  # n per column
+        assert cells[0]["count"] == sum(1 for r in metrics["records"] if r["model"] == "TarGAN (demo)"
+                                        and r["metric"] == metrics["columns"][index]["metric"]
+                                        and r["target"] == metrics["columns"][index]["target"]
+                                        and r["region"] == metrics["columns"][index]["region"])
+    summary = json.loads((out / "demo.json").read_text())
+    for baseline, columns in summary["beats"].items():
+        assert set(columns) == set(labels)
+        row = models.index(baseline)
+        for index, label in enumerate(labels):  # recomputed from the means
+            ours, theirs = metrics["rows"][0]["cells"][index]["mean"], metrics["rows"][row]["cells"][index]["mean"]
+            better = ours < theirs if metrics["columns"][index]["lower_is_better"] else ours > theirs
+            assert columns[label] == better, (baseline, label)
+        assert f"{baseline} in {sum(columns.values())} of {len(columns)} columns" in report
+    assert summary["verdict"] in report
+
+
+def test_the_montage_shows_a_modality_in_one_window(demo):
+    """The CT input of a CT row and the true CT beside it are the same image: in one window, their
+    tiles are identical (they were windowed apart before)."""
+    from PIL import Image
+
+    out, _ = demo
+    tile, margin = 128, 6
+    with Image.open(out / "montage.png") as image:
+        pixels = np.asarray(image.convert("L"))
+    rows = (pixels.shape[0] - margin) // (tile + margin)
+    left = pixels.shape[1] - 7 * (tile + margin)  # 7 columns of tiles after the row labels
+    top = pixels.shape[0] - rows * (tile + margin) - 2 * margin - 11  # above the caption line
+    ct_row = rows - 1  # the last rows show the CT source
+    column = lambda c: pixels[top + ct_row * (tile + margin): top + ct_row * (tile + margin) + tile,  # noqa: E731
+                              left + c * (tile + margin): left + c * (tile + margin) + tile]
+    assert column(0).std() > 0 and np.array_equal(column(0), column(6))
+    assert "One window per modality in every column" in (out / "report.md").read_text()
 
 
 def test_montage_is_a_labelled_grid(demo):
@@ -85,3 +131,11 @@ def test_an_existing_demo_is_kept_without_overwrite(demo, tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(a_file), "--quick", "--overwrite"])
     assert result.exit_code == 1 and "notes.txt: exists and is not a folder" in result.stderr
     assert "Traceback" not in result.output and a_file.read_text() == "precious"
+
+
+def test_json_summary_on_stdout(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--quick", "--device", "cpu", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["quick"] is True and summary["files"]["report"] == str(tmp_path / "d" / "report.md")
+    assert summary["verdict"] == json.loads((tmp_path / "d" / "demo.json").read_text())["verdict"]

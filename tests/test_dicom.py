@@ -115,7 +115,7 @@ def test_single_dicom_file_asks_for_the_folder(tmp_path: Path) -> None:
 
 def test_folder_without_dicom_files_is_refused(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(TarganError, match=r"no DICOM image files in this folder \(1 other file\(s\)\)"):
+    with pytest.raises(TarganError, match=r"no DICOM image files in this folder \(1 other file\)"):
         read_volume(tmp_path)
     write_dicom_series(tmp_path / "InPhase", anatomy((2, 4, 3)))
     write_dicom_series(tmp_path / "OutPhase", anatomy((2, 4, 3)))
@@ -157,8 +157,8 @@ def test_two_series_told_apart_only_by_their_uid_are_refused(tmp_path: Path) -> 
     for file in write_dicom_series(tmp_path / "b", anatomy((3, 4, 3)), origin_lps=(-30.0, -40.0, -42.5),
                                    series_uid="1.2.3.2"):
         file.rename(folder / f"B{file.name}")
-    with pytest.raises(TarganError, match=r"holds 2 series: 1\.2\.3\.1 \(no description, CT, 3 slice\(s\)\); "
-                                          r"1\.2\.3\.2 \(no description, CT, 3 slice\(s\)\)\. Pick one with --series") as error:
+    with pytest.raises(TarganError, match=r"holds 2 series: 1\.2\.3\.1 \(no description, CT, 3 slices\); "
+                                          r"1\.2\.3\.2 \(no description, CT, 3 slices\)\. Pick one with --series") as error:
         read_volume(folder)
     assert error.value.path == folder
     write_dicom_series(tmp_path / "one", anatomy((3, 4, 3)), series_uid="1.2.3.1")
@@ -187,7 +187,7 @@ def test_broken_dicom_files_are_named(tmp_path: Path) -> None:
     files[1].write_bytes(b"not dicom at all")  # not DICOM by its content: skipped, whatever its name
     series = read_dicom(tmp_path / "ct")
     assert series.volume.shape == (3, 4, 2) and series.skipped == (files[1],)
-    assert series.skipped_note == f"skipped 1 file(s) that are not DICOM images ({files[1].name})"
+    assert series.skipped_note == f"skipped 1 file that is not DICOM images ({files[1].name})"
     with pytest.raises(TarganError, match="not a DICOM file"):
         read_dicom_series(files)
 
@@ -231,7 +231,7 @@ def test_files_are_dicom_by_content_whatever_their_name(tmp_path: Path, names: s
     assert np.array_equal(series.volume.array, (stored.astype(np.int32) - 1024).transpose(2, 1, 0))
     assert series.volume.modality == "CT" and list(series.files) == files
     assert sorted(p.name for p in series.skipped) == clutter
-    assert series.skipped_note == f"skipped 3 file(s) that are not DICOM images ({', '.join(clutter)})"
+    assert series.skipped_note == f"skipped 3 files that are not DICOM images ({', '.join(clutter)})"
 
 
 @pytest.mark.parametrize("syntax", [None, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, RLELossless,
@@ -269,7 +269,7 @@ def test_several_series_are_listed_and_one_is_picked_by_uid_or_prefix(tmp_path: 
     with pytest.raises(UsageError) as error:
         read_dicom(tmp_path / "study")
     assert error.value.message == (
-        f"holds 2 series: {second} (AX T2 SPIR, MR, 5 slice(s)); {first} (AX T1, CT, 3 slice(s)). Pick one with "
+        f"holds 2 series: {second} (AX T2 SPIR, MR, 5 slices); {first} (AX T1, CT, 3 slices). Pick one with "
         "--series UID (or a unique prefix of it), or put each series in its own folder")
     assert error.value.path == tmp_path / "study"
     assert read_dicom(tmp_path / "study", first).volume.shape == (5, 6, 3)
@@ -295,7 +295,7 @@ def test_a_dicomdir_is_an_input_and_is_skipped_in_a_folder(tmp_path: Path) -> No
     shutil.copy(dicomdir, tmp_path / "export" / "DICOMDIR")
     assert read_dicom(tmp_path / "export", first).skipped == (tmp_path / "export" / "DICOMDIR",)
     (tmp_path / "media" / "PT000000" / "ST000000" / "SE000000" / "IM000000").unlink()
-    with pytest.raises(TarganError, match="lists 1 file.* that do not exist"):
+    with pytest.raises(TarganError, match="lists 1 file that does not exist"):
         read_dicom(dicomdir)
 
 

@@ -301,13 +301,13 @@ def test_series_option_picks_one_series_and_skipped_files_are_reported(tmp_path:
     result = _invoke("translate", str(study), "--to", "t1w", "-o", str(tmp_path / "out"), "-w", str(weights))
     assert result.exit_code == 2 and not (tmp_path / "out").exists()
     assert re.sub(r"\s+", " ", result.stderr).strip() == (
-        f"error: {study}: holds 2 series: {SOURCE_UID} (AX BODY, CT, 5 slice(s)); 1.2.826.0.1.3680043.10.511.4.1 "
-        "(T2, MR, 3 slice(s)). Pick one with --series UID (or a unique prefix of it), or put each series in its "
+        f"error: {study}: holds 2 series: {SOURCE_UID} (AX BODY, CT, 5 slices); 1.2.826.0.1.3680043.10.511.4.1 "
+        "(T2, MR, 3 slices). Pick one with --series UID (or a unique prefix of it), or put each series in its "
         "own folder")
     result = _invoke("translate", str(study), "--series", SOURCE_UID[:-2], "--to", "t1w", "-o",
                      str(tmp_path / "out"), "-w", str(weights))
     assert result.exit_code == 0, result.output
-    assert f"{study}: skipped 1 file(s) that are not DICOM images (notes.txt)" in result.output
+    assert f"{study}: skipped 1 file that is not DICOM images (notes.txt)" in result.output
     assert len(_datasets(tmp_path / "out")) == 5
 
 

@@ -327,7 +327,7 @@ def test_cli_writes_a_dataset_into_nnunet_raw(tmp_path, data, weights):
                  "--device", "cpu", "--dataset-id", "42"]
     result = runner.invoke(app, arguments, env={"nnUNet_raw": str(raw)})
     assert result.exit_code == 0, result.output
-    assert "Dataset042_LiverCTEnriched" in result.stdout and "2 case(s) written" in result.stdout
+    assert "Dataset042_LiverCTEnriched" in result.stdout and "2 cases written" in result.stdout
     spec = json.loads((raw / "Dataset042_LiverCTEnriched" / "dataset.json").read_text())
     assert spec["channel_names"] == {"0": "CT", "1": "synthetic_t2w", "2": "synthetic_t1w"}  # --to order
 

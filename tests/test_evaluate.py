@@ -87,7 +87,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def full_run(setup: dict[str, Path]) -> EvaluationResult:
     """Every translation metric of the tiny generator, with JSON and CSV outputs."""
     return evaluate(ALL_TRANSLATION_METRICS, data=setup["data"], weights=[str(setup["weights"])],
-                    segmenters=setup["segmenters"], fid_features=setup["features"], device="cpu",
+                    segmenters=setup["segmenters"], fid_features=setup["features"], device="cpu", baselines=False,
                     json_out=setup["root"] / "run.json", csv_out=setup["root"] / "run.csv")
 
 
@@ -183,10 +183,10 @@ def test_paired_truth_against_itself_is_perfect(setup: dict[str, Path], tmp_path
     assert values["ssim"] == pytest.approx([1.0] * 24)
     assert values["mae"] == [0.0] * 24
     cells = [summary_cell(summary, column.digits) for summary, column in zip(result.summaries[0], result.columns)]
-    assert cells[0] == "inf" and cells[-1] == "0.0000 ± 0.0000"
+    assert cells[0] == "inf" and cells[-1] == "0.0000 ± 0.0000 [0.0000, 0.0000]"
     document = json.loads(write_json(result, tmp_path / "perfect.json").read_text())  # strict JSON
     assert {r["value"] for r in document["records"] if r["metric"] == "psnr"} == {"inf"}
-    assert document["rows"][0]["cells"][0] == {"mean": None, "std": None, "count": 0, "missing": 0, "infinite": 4}
+    assert document["rows"][0]["cells"][0] == {"mean": None, "std": None, "ci95": [None, None], "count": 0, "missing": 0, "infinite": 4}
 
 
 def test_a_case_without_its_paired_rendering_is_counted_as_n_a_and_named(setup: dict[str, Path],
@@ -205,7 +205,7 @@ def test_a_case_without_its_paired_rendering_is_counted_as_n_a_and_named(setup: 
     assert (summary.count, summary.missing, summary.infinite) == (0, 1, 3)  # 4 t1w cases: 3 perfect, 1 n/a
     assert [r.case for r in result.records if r.target == "t1w" and r.value is None and r.region == "body"] == [
         gone.name.removesuffix(".nii.gz")]
-    assert list(result.notes) == [f"1 test case(s) have no paired t1w rendering (the first belongs at {gone}): "
+    assert list(result.notes) == [f"1 test case has no paired t1w rendering (the first belongs at {gone}): "
                             "n/a in the t1w psnr cells"]
 
 
@@ -234,7 +234,7 @@ def test_several_models_are_rows_with_the_best_value_of_each_column() -> None:
     assert result.best == (1, 0, None)  # lower FID, higher S; no values for S t1w
     assert result.summaries[0][1].mean == 50.0 and result.summaries[0][1].std == 10.0
     assert result.summaries[1][2] is None
-    assert summary_cell(result.summaries[0][1], 2) == "50.00 ± 10.00"
+    assert summary_cell(result.summaries[0][1], 2) == "50.00 ± 10.00 [40.00, 60.00]"  # two values: their means resampled span them
     assert summary_cell(result.summaries[1][0], 4) == "1.0000"
 
 
@@ -275,7 +275,7 @@ def test_dice_and_ravd_from_folders_hand_checked(masks: dict[str, Path]) -> None
     dice_summary, ravd_summary = result.summaries[0]
     assert dice_summary.mean == pytest.approx(100 / 3) and dice_summary.std == pytest.approx(math.sqrt(2) * 100 / 3)
     assert (ravd_summary.mean, ravd_summary.std, ravd_summary.count, ravd_summary.missing) == (25.0, 25.0, 2, 1)
-    assert summary_cell(ravd_summary, 2) == "25.00 ± 25.00 (1 n/a)"
+    assert summary_cell(ravd_summary, 2) == "25.00 ± 25.00 [0.00, 50.00] (1 n/a)"
     assert result.best == (1, 1)
     assert f"{pred}: RAVD n/a for case c (empty reference)" in result.notes
     assert [column.label for column in result.columns] == ["DICE", "RAVD"]
@@ -286,7 +286,7 @@ def test_dice_ravd_cli_table_and_errors(masks: dict[str, Path]) -> None:
     result = runner.invoke(app, ["evaluate", "--metric", "dice,ravd", "--pred", str(masks["pred"]),
                                  "--truth", str(masks["truth"]), "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert "DICE" in result.stdout and "25.00 ± 25.00 (1 n/a)" in result.stdout
+    assert "DICE" in result.stdout and "25.00 ± 25.00 [0.00, 50.00] (1 n/a)" in result.stdout
     assert "RAVD n/a for case c (empty reference)" in result.stdout
     document = json.loads(out.read_text())
     assert len(document["records"]) == 6
@@ -314,7 +314,9 @@ def test_evaluate_cli_end_to_end(setup: dict[str, Path]) -> None:
     assert result.exit_code == 0, result.output
     assert all(f"S {name}" in result.stdout for name in ("t1w", "t2w", "ct"))
     assert str(setup["weights"]) in result.stdout and " ± " in result.stdout
-    assert len(list(csv.DictReader(out.read_text().splitlines()[2:]))) == 12
+    assert len(list(csv.DictReader(out.read_text().splitlines()[2:]))) == 12 * 4  # the model, 3 baselines
+    assert f"{setup['weights']} beats identity (copy input) in " in result.stdout
+    assert "body mean-fill in " in result.stdout and "histogram-matched source in " in result.stdout
 
 
 @pytest.mark.parametrize("arguments, code, message", [

@@ -189,7 +189,7 @@ def test_enrich_killed_while_writing_resumes_into_a_valid_dataset(tmp_path: Path
 
     result = runner.invoke(COMMAND, arguments)
     assert result.exit_code == 0, result.output
-    assert "2 case(s) written, 1 already complete" in result.output
+    assert "2 cases written, 1 already complete" in result.output
     assert verify_nnunet_dataset(folder) == []
     assert _temporaries(images) == [] and _temporaries(folder / "labelsTr") == []
     assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 3
@@ -200,7 +200,7 @@ def test_train_killed_while_checkpointing_resumes_and_finishes(tmp_path: Path) -
     write_phantom_dataset(data, cases=1, size=32, slices=4, test_cases=1)
     checkpoints = run / "checkpoints"
     arguments = ["train", "--data", str(data), "--out", str(run), "--max-steps", "3", "--checkpoint-every", "1",
-                 *TINY_TRAIN]
+                 "--keep", "3", *TINY_TRAIN]
 
     # Killed while the checkpoint of step 2 is being written over the complete one of step 1 (or,
     # should the poll miss that, right after).
@@ -275,5 +275,5 @@ def test_a_full_disk_while_enriching_keeps_complete_cases_and_a_rerun_finishes(
     monkeypatch.undo()  # space again
     result = runner.invoke(COMMAND, arguments)
     assert result.exit_code == 0, result.output
-    assert "1 case(s) written, 1 already complete" in result.output
+    assert "1 case written, 1 already complete" in result.output
     assert verify_nnunet_dataset(folder) == []

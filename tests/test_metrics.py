@@ -18,6 +18,7 @@ from targan_cli.errors import TarganError
 from targan_cli.io.features import (
     INCEPTION_WEIGHTS_FILE,
     feature_module_kind,
+    fid_install_command,
     inception_features,
     inception_weights_cache_path,
     load_feature_module,
@@ -376,8 +377,12 @@ def test_a_missing_or_unfit_feature_file_is_a_targan_error_naming_it(tmp_path: P
 
 @pytest.mark.skipif(TORCH_FIDELITY, reason="checks the message shown when torch-fidelity is not installed")
 def test_inception_features_without_torch_fidelity_say_how_to_get_them() -> None:
-    with pytest.raises(TarganError, match="pip install torch-fidelity, or pass --fid-features FILE"):
+    with pytest.raises(TarganError) as caught:
         inception_features(None)
+    message = caught.value.message
+    assert f"`{fid_install_command()}`" in message and "--no-deps" in message  # keeps the installed torch
+    assert f"download on first use to {inception_weights_cache_path()}" in message
+    assert "offline" in message and "--inception-weights FILE" in message and "--fid-features FILE" in message
 
 
 @pytest.mark.skipif(not TORCH_FIDELITY, reason="needs torch-fidelity (optional, with torchvision)")
@@ -413,3 +418,16 @@ def test_summarize_leaves_out_nan_and_inf() -> None:
 def test_summarize_without_finite_values(values: list[float]) -> None:
     mean, std, count = summarize(values)
     assert math.isnan(mean) and math.isnan(std) and count == 0
+
+
+def test_bootstrap_interval_of_the_mean() -> None:
+    from targan_cli.core.metrics import bootstrap_interval
+
+    assert bootstrap_interval([40.0, 60.0]) == (40.0, 60.0)  # resampled means are 40, 50 or 60
+    assert all(math.isnan(value) for value in bootstrap_interval([1.0, float("nan")]))  # one finite value
+    assert bootstrap_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
+    values = np.random.default_rng(3).normal(10.0, 2.0, size=40)
+    means = values[np.random.default_rng(4).integers(0, values.size, size=(20_000, values.size))].mean(axis=1)
+    expected = np.percentile(means, [2.5, 97.5])  # the percentile bootstrap, by hand
+    assert bootstrap_interval(values) == pytest.approx(tuple(expected), abs=0.08)
+    assert bootstrap_interval(values, seed=0) == bootstrap_interval(values, seed=0)

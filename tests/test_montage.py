@@ -63,7 +63,7 @@ def test_row_windows_apply_to_every_image_of_their_row() -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (dict(row_windows=[None], column_windows=[None]), "not both"),
+    (dict(row_windows=[None], column_windows=[None]), "not several"),
     (dict(row_windows=[None, None]), "1 rows but 2 row windows"),
     (dict(outlines=[]), "1 rows but 0 rows of outlines"),
     (dict(outlines=[[np.zeros((3, 4), dtype=bool)]]), r"has shape \(3, 4\), its image \(4, 4\)"),

@@ -84,7 +84,7 @@ def test_control_characters_in_names_are_escaped_into_one_line(tmp_path: Path, w
 def test_more_workers_than_cores_are_refused(data: Path, tmp_path: Path) -> None:
     cores = len(os.sched_getaffinity(0))
     refusal(targan("train", "--data", data, "--out", tmp_path / "run", "--workers", cores + 1, *TINY_TRAIN),
-            f"--workers {cores + 1} is more than the {cores} CPU core(s)", exit_code=2)
+            f"--workers {cores + 1} is more than the {cores} CPU cores", exit_code=2)
     assert not (tmp_path / "run").exists()
 
 

@@ -38,8 +38,8 @@ def _bad_volumes(folder: Path) -> dict[str, tuple[Path, str]]:
     broken = affine.copy()
     broken[0, 3] = np.inf
     return {
-        "nan voxels": (_nifti(folder / "nan.nii.gz", nan, affine), "1 voxel(s) are NaN or infinite"),
-        "inf voxels": (_nifti(folder / "inf.nii.gz", inf, affine), "1 voxel(s) are NaN or infinite"),
+        "nan voxels": (_nifti(folder / "nan.nii.gz", nan, affine), "1 voxel is NaN or infinite"),
+        "inf voxels": (_nifti(folder / "inf.nii.gz", inf, affine), "1 voxel is NaN or infinite"),
         "inf affine": (_nifti(folder / "affine.nii.gz", voxels, broken), "has no usable orientation"),
         "1 x 200000 x 1": (_nifti(folder / "line.nii.gz", np.zeros((1, 200000, 1), np.int16), affine, nifti2=True),
                            "one slice would take 149.0 GiB of memory"),

@@ -191,7 +191,7 @@ def test_train_segmenter_cli_and_its_errors(data: Path, tmp_path: Path) -> None:
               "--width", "4", "--depth", "3", "--device", "cpu"]
     result = runner.invoke(app, [*common, "--modality", "t2w"])
     assert result.exit_code == 0, result.output
-    assert "t2w: 2 cases" in result.stdout and "real test volume(s)" in result.stdout
+    assert "t2w: 2 cases" in result.stdout and "2 real test volumes" in result.stdout
     config = load_segmenter(out).config
     assert (config.modality, config.image_size) == ("t2w", 32)  # default: the phantoms' 32 x 32 slices
 

@@ -102,12 +102,12 @@ def test_an_interrupted_and_resumed_run_reaches_the_same_weights(data, tmp_path)
             raise KeyboardInterrupt
 
     run = tmp_path / "interrupted"
-    result = train(data, run, checkpoint_every=2, progress=interrupt_at_step_3, **options)
+    result = train(data, run, checkpoint_every=2, keep=3, progress=interrupt_at_step_3, **options)
     assert result.interrupted and result.steps == 3
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
     assert (run / "checkpoints" / "step_0000002.pt").is_file()
 
-    resumed = train(data, run, resume=True, checkpoint_every=2, **options)
+    resumed = train(data, run, resume=True, checkpoint_every=2, keep=3, **options)
     assert (resumed.resumed_from, resumed.steps, resumed.interrupted) == (3, 5, False)
     assert_same_weights(tmp_path / "straight", run)
     assert logged_steps(run) == [1, 2, 3, 4, 5]
@@ -304,6 +304,10 @@ def test_ctrl_c_checkpoints_and_the_cli_says_how_to_resume(data, tmp_path):
     presser.join()
     assert result.exit_code == 130, result.output
     assert "Resume with" in result.output and "--resume" in result.output
+    size = (run / "checkpoints" / "last.pt").stat().st_size
+    shown = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+    assert f"checkpoint saved to {run / 'checkpoints' / 'last.pt'} ({shown}); exported weights in {run / 'export'}" \
+        in result.output
     step = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
     assert step >= 1 and max(logged_steps(run)) == step
     assert signal.getsignal(signal.SIGINT) is previous_handler  # restored

@@ -575,3 +575,20 @@ def test_cli_offline_without_cached_weights_says_what_to_do(tmp_path: Path, ct_c
     message = _one_line(result.stderr)
     assert "targan-cli/targan-chaos" in message and "targan train" in message and "--weights" in message
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_without_weights_the_way_forward_is_given(tmp_path: Path) -> None:
+    """No --weights and nothing published: not a network problem; the demo and the training recipe,
+    with their commands, and where to read more (weights/README.md)."""
+    from targan_cli.io.weights import DEFAULT_REPO
+
+    volume = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((8, 8, 3), 100.0, dtype=np.float32), np.eye(4)), volume)
+    result = CliRunner().invoke(app, ["translate", str(volume), "--to", "ct", "-o", str(tmp_path / "out.nii.gz")])
+    assert result.exit_code == 1
+    message = result.stderr
+    assert "no pretrained weights are published yet" in message and "weights/README.md" in message
+    assert "`targan demo`" in message and "--weights targan-demo/run/export" in message
+    assert "`targan train --data chaos/ --epochs 50 --out runs/chaos`" in message and DEFAULT_REPO in message
+    assert "reach" not in message and "offline?" not in message and message.count("\n") == 1
+    assert result.stdout == "" and not (tmp_path / "out.nii.gz").exists()

@@ -37,6 +37,34 @@ WeightsOpt = Annotated[Optional[str], typer.Option(
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast; bf16/fp16 need a GPU).")]
+JsonOpt = Annotated[Optional[Path], typer.Option(
+    "--json", help="Also write the summary as JSON to this file; '-' prints the JSON on stdout instead of the table.")]
+STDOUT = Path("-")
+
+
+def _check_json(path: Path | None, overwrite: bool) -> None:
+    """Refuse, before any work, a --json file that may not be written."""
+    if path is not None and path != STDOUT:
+        from targan_cli.io.atomic import check_writable
+
+        check_writable(path, overwrite)
+
+
+def _write_json(data: object, path: Path | None, overwrite: bool) -> None:
+    """``data`` as JSON: on stdout for '-', else to the file, atomically (strict JSON: nan is null)."""
+    import json
+
+    from targan_cli.console import console, strong
+    from targan_cli.io.atomic import atomic_output
+    from targan_cli.workflows.evaluate import strict_json
+
+    text = json.dumps(strict_json(data), indent=2, allow_nan=False, default=str) + "\n"
+    if path == STDOUT:
+        console.out(text, end="", highlight=False)
+    elif path is not None:
+        with atomic_output(path, overwrite=overwrite) as temporary:
+            temporary.write_text(text, encoding="utf-8")
+        console.print(f"Wrote {strong(path)}")
 
 
 class Terminated(KeyboardInterrupt):
@@ -134,12 +162,18 @@ def convert(
 def info(
     weights: Annotated[str, typer.Argument(help="Weights folder, model.safetensors, or Hub repo id.")],
     revision: RevisionOpt = None,
+    json_out: JsonOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Show a weights folder's config: modalities, preset, sizes, parameter count, provenance."""
-    from targan_cli.console import console, key_value_table
+    from targan_cli.console import key_value_table, print_table
     from targan_cli.workflows.convert import describe_weights
 
-    console.print(key_value_table(f"Weights {weights}", describe_weights(weights, revision)))
+    _check_json(json_out, overwrite)
+    rows = describe_weights(weights, revision)
+    if json_out != STDOUT:
+        print_table(key_value_table(f"Weights {weights}", rows))
+    _write_json(rows, json_out, overwrite)
 
 
 @app.command()
@@ -174,7 +208,7 @@ def translate(
     """Translate whole volumes into another modality; the output keeps the input's geometry."""
     from rich.markup import escape
 
-    from targan_cli.console import console, progress_bar, strong
+    from targan_cli.console import console, counted, print_warning, progress_bar, strong
     from targan_cli.workflows.translate import translate as translate_volumes
 
     with progress_bar("Translating", total=None, unit="slices") as advance:
@@ -188,10 +222,12 @@ def translate(
     if not result.outputs:
         console.print(f"Part {part_id} of {num_parts} holds none of the files of {strong(input)}: nothing to translate")
         return
-    written = str(result.outputs[0]) if len(result.outputs) == 1 else f"{len(result.outputs)} volumes to {output}"
+    written = str(result.outputs[0]) if len(result.outputs) == 1 else f"{counted(len(result.outputs), 'volume')} to {output}"
     sources = ", ".join(dict.fromkeys(choice.name for choice in result.sources))
-    console.print(f"Wrote {strong(written)} ({escape(sources)} → {escape(result.target)}): {result.slices} slices "
+    console.print(f"Wrote {strong(written)} ({escape(sources)} → {escape(result.target)}): {counted(result.slices, 'slice')} "
                   f"in {result.seconds:.1f} s, {result.slices_per_second:.1f} slices/s on {result.device}")
+    for choice in dict.fromkeys(choice for choice in result.sources if choice.doubt is not None):
+        print_warning(choice.doubt)
     for choice in dict.fromkeys(choice for choice in result.sources if choice.reason is not None):
         console.print(f"--from {escape(choice.name)} was inferred: {escape(choice.reason)}; pass --from to choose",
                       highlight=False)
@@ -225,7 +261,7 @@ def enrich(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write an nnU-Net v2 raw dataset: the real image as channel 0, its translations as channels 1.. (resumable)."""
-    from targan_cli.console import console, progress_bar, strong
+    from targan_cli.console import console, counted, progress_bar, strong
     from targan_cli.workflows.enrich import enrich as enrich_dataset
 
     with progress_bar("Enriching", total=None, unit="cases") as advance:
@@ -235,8 +271,8 @@ def enrich(
             precision=precision, batch_size=batch_size, overwrite=overwrite, progress=advance,
             total_callback=lambda total: advance(0, total=total))
     console.print(f"Wrote {strong(result.folder)}: channels {', '.join(result.channels)}; "
-                  f"{len(result.written)} case(s) written, {len(result.skipped)} already complete; "
-                  f"{result.training} training case(s), {result.test} in imagesTs")
+                  f"{counted(len(result.written), 'case')} written, {len(result.skipped)} already complete; "
+                  f"{counted(result.training, 'training case')}, {result.test} in imagesTs")
 
 
 @app.command()
@@ -270,7 +306,9 @@ def train(
     ema_decay: Annotated[float, typer.Option("--ema-decay", help="Decay of the generator's moving average (the exported, "
                                              "EMA generator); lower it for runs of a few hundred steps.",
                                              rich_help_panel="Loss weights")] = 0.999,
-    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Also checkpoint every N steps (step_N.pt). Default: each epoch.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Also checkpoint every N steps. Default: each epoch.")] = None,
+    keep: Annotated[int, typer.Option("--keep", help="Checkpoints to keep: last.pt and the N - 1 before it (step_N.pt); "
+                                                     "--resume falls back to those when last.pt is damaged.")] = 1,
     log_every: Annotated[int, typer.Option("--log-every", help="Log the losses every N steps.")] = 10,
     sample_every: Annotated[int, typer.Option("--sample-every", help="Write samples/epoch_N.png every N epochs (0: never).")] = 1,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the generator and shape controller.")] = False,
@@ -282,7 +320,7 @@ def train(
 
     from rich.markup import escape
 
-    from targan_cli.console import console, format_value, print_warning, progress_bar, strong
+    from targan_cli.console import console, counted, file_size, format_value, print_warning, progress_bar, strong
     from targan_cli.workflows.train import TrainProgress, is_main_process
     from targan_cli.workflows.train import train as run_training
 
@@ -294,12 +332,18 @@ def train(
         official_mask=official_mask, lambda_gp=lambda_gp, lambda_rcls=lambda_rcls, lambda_fcls=lambda_fcls, lambda_rec=lambda_rec,
         lambda_cross=lambda_cross, lambda_u=lambda_u, lambda_shape=lambda_shape, lr_g=lr_g, lr_d=lr_d, ema_decay=ema_decay,
         checkpoint_every=checkpoint_every, log_every=log_every, sample_every=sample_every, compile=compile,
-        overwrite=overwrite)
+        keep=keep, overwrite=overwrite)
     if not is_main_process():  # ranks > 0 of a torchrun launch: rank 0 reports
         run_training(data, run_dir, **options)
         return
     with progress_bar("Preparing slices", total=None) as advance:
         def report(event: TrainProgress) -> None:
+            if event.phase == "notice":
+                if event.warning:
+                    print_warning(event.message)
+                else:
+                    console.print(escape(event.message), highlight=False)
+                return
             fields: dict = {"total": event.total, "completed": event.done}
             if event.phase == "train":
                 fields["description"] = f"Epoch {event.epoch}/{event.epochs}"
@@ -312,10 +356,12 @@ def train(
         result = run_training(data, run_dir, progress=report, **options)
     if result.interrupted:
         command = ["targan", *[arg for arg in sys.argv[1:] if arg not in ("--overwrite", "--resume")], "--resume"]
-        print_warning(f"stopped at step {result.steps}; checkpoint saved to {result.checkpoint}")
+        print_warning(f"stopped at step {result.steps}; checkpoint saved to {result.checkpoint} "
+                      f"({file_size(result.checkpoint.stat().st_size)}); exported weights in {result.export_dir}")
         console.print(f"Resume with: {strong(shlex.join(command))}")
         raise typer.Exit(130)
-    console.print(f"Trained {result.steps} steps ({result.epochs_completed} epochs) in {strong(result.run_dir)}")
+    console.print(f"Trained {counted(result.steps, 'step')} ({counted(result.epochs_completed, 'epoch')}) in "
+                  f"{strong(result.run_dir)}")
     console.print(f"EMA generator exported to {strong(result.export_dir)}")
     example = shlex.join(["targan", "translate", "INPUT.nii.gz", "-o", "OUTPUT.nii.gz", "--from",
                           result.modalities[0], "--to", result.modalities[-1], "--weights", str(result.export_dir)])
@@ -345,7 +391,11 @@ def evaluate(
         "--pred", readable=False, help="dice, ravd: folder of predicted masks <case>.nii.gz; repeat to compare.")] = None,
     truth: Annotated[Optional[Path], typer.Option("--truth", readable=False, help="dice, ravd: folder of ground-truth masks.")] = None,
     split: Annotated[str, typer.Option("--split", help="Dataset split to evaluate: test or train.")] = "test",
-    json_out: Annotated[Optional[Path], typer.Option("--json", readable=False, help="Write every value and the settings as JSON.")] = None,
+    baselines: Annotated[bool, typer.Option(
+        "--baselines/--no-baselines", help="With translation metrics, also score the trivial baselines (identity, "
+                                           "body mean-fill, histogram-matched source) and say which the models beat.")] = True,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", readable=False, help="Write every value and the settings as JSON; '-' prints it on stdout instead of the table.")] = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", readable=False, help="Write every per-volume value as CSV.")] = None,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per generator batch.")] = 16,
@@ -354,16 +404,25 @@ def evaluate(
     """Evaluate translations (the paper's Table 1: FID, S-score; paired PSNR/SSIM/MAE) or segmentations (Table 2)."""
     from rich.markup import escape
 
-    from targan_cli.console import console, evaluation_table, progress_bar, strong
+    from targan_cli.console import console, evaluation_table, print_table, progress_bar, strong
     from targan_cli.workflows.evaluate import evaluate as run_evaluation
+    from targan_cli.workflows.evaluate import BASELINE_LABELS, result_to_dict, verdict
 
-    with progress_bar("Evaluating", total=None, unit="volumes") as advance:
+    to_stdout = json_out == STDOUT
+    with progress_bar("Evaluating", total=None, unit="volumes", quiet=to_stdout) as advance:
         result = run_evaluation(
             metric, data=data, weights=weights or (), segmenters=segmenters, fid_features=fid_features,
             inception_weights=inception_weights, predictions=pred or (), truth=truth, split=split, device=device,
-            batch_size=batch_size, json_out=json_out, csv_out=csv_out, overwrite=overwrite, progress=advance,
-            total_callback=lambda total: advance(0, total=total))
-    console.print(evaluation_table(result))
+            batch_size=batch_size, baselines=baselines, json_out=None if to_stdout else json_out, csv_out=csv_out,
+            overwrite=overwrite,
+            progress=advance, total_callback=lambda total: advance(0, total=total))
+    if to_stdout:
+        _write_json(result_to_dict(result), STDOUT, overwrite)
+        return
+    print_table(evaluation_table(result))
+    if any(label in BASELINE_LABELS for label in result.models):
+        for model in (label for label in result.models if label not in BASELINE_LABELS):
+            console.print(escape(verdict(result, model)), highlight=False)
     for note in result.notes:
         console.print(f"note: {escape(note)}", highlight=False)
     for path in (json_out, csv_out):
@@ -390,7 +449,8 @@ def train_segmenter(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a 2D U-Net liver segmenter on real slices of one modality (for the S-score)."""
-    from targan_cli.console import console, progress_bar, strong
+    from targan_cli.console import console, counted, progress_bar, strong
+    from targan_cli.workflows.segment import LOSS_NAME
     from targan_cli.workflows.segment import train_segmenter as run_training
 
     with progress_bar(f"Training the {modality} segmenter", total=None, unit="steps") as advance:
@@ -398,11 +458,12 @@ def train_segmenter(
                               batch_size=batch_size, learning_rate=learning_rate, device=device, seed=seed,
                               overwrite=overwrite, progress=advance,
                               total_callback=lambda total: advance(0, total=total))
-    console.print(f"Wrote {strong(result.folder)} ({result.modality}: {result.train_cases} cases, "
-                  f"{result.train_slices} slices, final loss {result.epoch_losses[-1]:.4f}, "
-                  f"{result.seconds:.1f} s on {result.device})")
+    console.print(f"Wrote {strong(result.folder)} ({result.modality}: {counted(result.train_cases, 'case')}, "
+                  f"{counted(result.train_slices, 'slice')}, {result.seconds:.1f} s on {result.device})")
+    console.print(f"{LOSS_NAME} (the optimised objective) of the final weights on the "
+                  f"{counted(result.train_slices, 'training slice')}: {result.final_loss:.4f}")
     if result.test_dice is not None:
-        console.print(f"Dice on {result.test_cases} real test volume(s): {result.test_dice:.2f} %")
+        console.print(f"Dice on {counted(result.test_cases, 'real test volume')}: {result.test_dice:.2f} %")
 
 
 @app.command()
@@ -433,25 +494,33 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", readable=False, help="Folder for everything the demo writes.")] = Path("targan-demo"),
     device: DeviceOpt = "auto",
     quick: Annotated[bool, typer.Option("--quick", help="A seconds-long smoke run (tiny data, a few steps).")] = False,
+    json_out: JsonOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Run the whole pipeline offline on synthetic phantoms: data, training, translation, evaluation, report."""
-    from targan_cli.console import console, evaluation_table, progress_bar, strong
-    from targan_cli.workflows.demo import DemoProgress, run_demo
+    from rich.markup import escape
 
-    with progress_bar("Demo", total=None) as advance:
+    from targan_cli.console import console, evaluation_table, print_table, progress_bar, strong
+    from targan_cli.workflows.demo import DemoProgress, demo_summary, run_demo
+
+    _check_json(json_out, overwrite)
+    with progress_bar("Demo", total=None, quiet=json_out == STDOUT) as advance:
         def report(event: DemoProgress) -> None:
             advance(0, description=event.stage, total=event.total, completed=event.done)
 
         result = run_demo(out, device=device, quick=quick, overwrite=overwrite, progress=report)
-    console.print(evaluation_table(result.evaluation))
-    won = sum(result.wins.values())
-    console.print(f"The demo model beats the identity baseline in {won} of {len(result.wins)} columns "
-                  "(per column: demo.json).")
+    if json_out == STDOUT:
+        _write_json(demo_summary(result), STDOUT, overwrite)
+        return
+    print_table(evaluation_table(result.evaluation))
+    if quick:
+        console.print("A --quick smoke run: the install works; the model had no time to learn.")
+    console.print(escape(result.verdict), highlight=False)
     console.print(f"Report   {strong(result.report)}")
     console.print(f"Montage  {strong(result.montage)}")
     console.print(f"Metrics  {strong(result.metrics)}")
     console.print(f"Weights  {strong(result.weights)}  ({result.seconds:.0f} s on {result.device})")
+    _write_json(demo_summary(result), json_out, overwrite)
 
 
 @data_app.command("phantom")
@@ -466,14 +535,14 @@ def data_phantom(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write synthetic abdominal phantoms (CT, T1w, T2w, liver labels) in the DATA layout."""
-    from targan_cli.console import console, progress_bar, strong
+    from targan_cli.console import console, counted, progress_bar, strong
     from targan_cli.data.phantom import phantom_steps, write_phantom_dataset
 
     with progress_bar("phantoms", phantom_steps(cases, test_cases), "volumes") as advance:
         summary = write_phantom_dataset(out, cases=cases, size=size, slices=slices, seed=seed,
                                         test_cases=test_cases, overwrite=overwrite, progress=advance)
-    console.print(f"Wrote {strong(summary.root)}: {summary.files} NIfTI files, modalities "
-                  f"{', '.join(summary.modalities)}, {len(summary.test_cases)} paired test case(s)")
+    console.print(f"Wrote {strong(summary.root)}: {counted(summary.files, 'NIfTI file')}, modalities "
+                  f"{', '.join(summary.modalities)}, {counted(len(summary.test_cases), 'paired test case')}")
 
 
 @data_app.command("import-chaos")
@@ -486,13 +555,13 @@ def data_import_chaos(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Import CHAOS 2019 (CT, T1 in-phase, T2-SPIR, liver masks) into the DATA layout, split by patient."""
-    from targan_cli.console import console, progress_bar, strong
+    from targan_cli.console import console, counted, progress_bar, strong
     from targan_cli.data.chaos import find_chaos_series, import_chaos
 
     with progress_bar("CHAOS", len(find_chaos_series(chaos_dir)), "series") as advance:
         summary = import_chaos(chaos_dir, out, test_fraction=test_fraction, seed=seed,
                                overwrite=overwrite, progress=advance)
-    console.print(f"Wrote {strong(summary.out)}: {summary.volumes} volumes, {summary.slices} slices")
+    console.print(f"Wrote {strong(summary.out)}: {counted(summary.volumes, 'volume')}, {counted(summary.slices, 'slice')}")
     console.print("The CHAOS data are licensed CC-BY-NC-SA 4.0.")
 
 

@@ -13,6 +13,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
+from targan_cli.errors import counted  # noqa: F401 - the CLI's one plural helper (messages share it)
+
 # Printed lines are never hard-wrapped (soft_wrap): a path or a command to copy stays one line in
 # a pipe, a log file or a narrow terminal. Progress stays on stdout: stderr holds the one-line
 # error alone, which scripts and the guarantees rely on.
@@ -42,13 +44,23 @@ def print_warning(message: str) -> None:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int | None, unit: str = "") -> Iterator[Callable[..., None]]:
+def progress_bar(description: str, total: int | None, unit: str = "",
+                 quiet: bool = False) -> Iterator[Callable[..., None]]:
     """A Rich progress bar; yields ``advance(n=1, **fields)`` for library callbacks.
 
     Keyword fields (e.g. ``status="loss 0.31"``) replace the text shown after the bar. The bar
     appears at the first call, so that a command refusing its input before any work prints its
-    one-line error alone, without an empty bar before it.
+    one-line error alone, without an empty bar before it. When stdout is not a terminal (a pipe,
+    a log file), there is no bar: each stage ends with one plain line, ``stage: done/total unit``.
+    ``quiet`` shows nothing (stdout carries JSON alone).
     """
+    if quiet:
+        yield lambda n=1, **fields: None
+        return
+    if not console.is_terminal:
+        with _plain_progress(description, total, unit) as advance:
+            yield advance
+        return
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"),
                TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
@@ -67,6 +79,50 @@ def progress_bar(description: str, total: int | None, unit: str = "") -> Iterato
     finally:
         if task is not None:
             progress.stop()
+
+
+@contextlib.contextmanager
+def _plain_progress(description: str, total: int | None, unit: str) -> Iterator[Callable[..., None]]:
+    """``progress_bar`` for a pipe or a file: a plain, full line as each stage ends (no control
+    codes, nothing redrawn), and nothing at all before the first progress."""
+    state: dict[str, Any] = {"description": description, "total": total, "completed": 0, "status": "",
+                             "started": False}
+
+    def line() -> None:
+        done = f"{state['completed']}/{state['total']}" if state["total"] is not None else str(state["completed"])
+        status = f" ({state['status']})" if state["status"] else ""
+        console.print(escape(f"{state['description']}: {done}{' ' + unit if unit else ''}{status}"), highlight=False)
+
+    def advance(n: int = 1, **fields: Any) -> None:
+        if state["started"] and "description" in fields and fields["description"] != state["description"]:
+            line()  # the stage before ends
+            state["completed"] = 0
+        state["started"] = True
+        state["completed"] += n
+        state.update(fields)
+
+    try:
+        yield advance
+    finally:
+        if state["started"]:
+            line()
+
+
+def print_table(table: Table) -> None:
+    """A table on stdout; in a pipe or a file at its full width, never cut to a terminal's."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    # A console as wide as the table wants (Rich caps a print's width at its console's).
+    Console(file=console.file, width=100_000, soft_wrap=True).print(table)
+
+
+def file_size(size: int) -> str:
+    """A file size in words: "512 bytes", "1.6 GB" (decimal units, as `ls -h --si` and file managers)."""
+    if size < 1000:
+        return counted(size, "byte")
+    exponent = min(int(math.log(size, 1000)), 4)  # 1: kB ... 4: TB
+    return f"{size / 1000 ** exponent:.1f} {('kB', 'MB', 'GB', 'TB')[exponent - 1]}"
 
 
 def key_value_table(title: str, rows: Mapping[str, Any]) -> Table:
@@ -102,9 +158,10 @@ def metric_table(title: str, columns: Sequence[str], rows: Sequence[tuple[str, S
 def summary_cell(summary: Any | None, digits: int = 4) -> str:
     """A table cell for values summarized over volumes (``workflows.evaluate.Summary``).
 
-    "mean ± std" with ``digits`` decimals, so that a column lines up (the std from two values on),
-    then how many values were n/a (nan, e.g. RAVD of an empty reference) or infinite (PSNR of
-    identical images); "inf" when all were infinite.
+    "mean ± std [low, high]" with ``digits`` decimals, so that a column lines up (the std and the
+    bootstrap 95 % interval of the mean from two values on), then how many values were n/a (nan,
+    e.g. RAVD of an empty reference) or infinite (PSNR of identical images); "inf" when all were
+    infinite.
     """
     if summary is None or summary.count == 0:
         return "inf" if summary is not None and summary.infinite and not summary.missing else "n/a"
@@ -114,24 +171,30 @@ def summary_cell(summary: Any | None, digits: int = 4) -> str:
 
     text = fixed(summary.mean)
     if summary.count > 1:
-        text += f" ± {fixed(summary.std)}"
+        text += f" ± {fixed(summary.std)} [{fixed(summary.low)}, {fixed(summary.high)}]"
     extras = [f"{count} {what}" for count, what in ((summary.missing, "n/a"), (summary.infinite, "inf")) if count]
     return f"{text} ({', '.join(extras)})" if extras else text
 
 
 def evaluation_table(result: Any, max_columns: int = 6) -> Table:
     """The table of a ``workflows.evaluate.EvaluationResult``, best cells marked: one row per model
-    (the paper's layout), or, past ``max_columns`` metric columns, one row per metric column."""
+    (the paper's layout), or, past ``max_columns`` metric columns, one row per metric column.
+    Every metric column carries its n (volumes, or values, per cell) and a cell's bracket is the
+    bootstrap 95 % interval of its mean."""
     cells = [[summary_cell(summary, column.digits) for summary, column in zip(summaries, result.columns)]
              for _, summaries in result.rows]
+    counts = [result.column_count(index) for index in range(len(result.columns))]
     labels = [column.label for column in result.columns]
     if len(labels) <= max_columns:
-        return metric_table(result.title, labels, list(zip(result.models, cells)), result.best)
+        return metric_table(result.title, [f"{label} (n={count})" for label, count in zip(labels, counts)],
+                            list(zip(result.models, cells)), result.best)
     table = Table(title=escape(result.title), title_justify="left")
     table.add_column("", style="bold")
     for model in result.models:
         table.add_column(escape(model), justify="right")
+    table.add_column("n", justify="right")
     for index, label in enumerate(labels):
         table.add_row(escape(label), *[f"[bold green]{escape(row[index])}[/]" if result.best[index] == model
-                                       else escape(row[index]) for model, row in enumerate(cells)])
+                                       else escape(row[index]) for model, row in enumerate(cells)],
+                      counts[index])
     return table

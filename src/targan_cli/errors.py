@@ -27,3 +27,9 @@ class UsageError(TarganError):
 
     def __init__(self, message: str, path: str | Path | None = None):
         super().__init__(message, path, exit_code=2)
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """A count and its noun in agreement, for every message the tool prints: "1 slice", "2 slices",
+    "0 slices"; ``plural`` for nouns that do not take an s ("1 series", "2 series")."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"

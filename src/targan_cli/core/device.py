@@ -9,7 +9,7 @@ import platform
 
 import torch
 
-from targan_cli.errors import UsageError
+from targan_cli.errors import UsageError, counted
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,7 +82,7 @@ def _named_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        raise UsageError(f"--device {name}: only {counted(torch.cuda.device_count(), 'CUDA device')} here")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
     if device.type not in ("cpu", "cuda", "mps"):

@@ -120,6 +120,36 @@ def body_mask(normalized: np.ndarray, threshold: float = BODY_THRESHOLD,
     return mask
 
 
+QUANTILES = 1001  # points of an intensity distribution's quantile function (every 0.1 %)
+
+
+def body_quantiles(normalized: np.ndarray, mask: np.ndarray, points: int = QUANTILES) -> np.ndarray:
+    """The quantile function of the voxels where ``mask`` is set, at ``points`` evenly spaced levels
+    from 0 to 1. The average of several volumes' functions is their pooled distribution's
+    barycentre (the 1D Wasserstein mean), without holding all their voxels at once."""
+    values = np.asarray(normalized, dtype=np.float64)[np.asarray(mask, dtype=bool)]
+    if values.size == 0:
+        raise ValueError("no voxel in the mask")
+    return np.quantile(values, np.linspace(0.0, 1.0, points))
+
+
+def match_histogram(normalized: np.ndarray, mask: np.ndarray, reference: np.ndarray,
+                    background: float = -1.0) -> np.ndarray:
+    """Histogram matching: each masked voxel becomes the ``reference`` quantile (a quantile function,
+    ``body_quantiles``) at its own rank among the masked voxels (ties share their mean rank);
+    the order of intensities is kept, their distribution becomes the reference's. Voxels outside
+    the mask are ``background``."""
+    from scipy import stats
+
+    matched = np.full(np.shape(normalized), background, dtype=np.float32)
+    mask = np.asarray(mask, dtype=bool)
+    values = np.asarray(normalized, dtype=np.float64)[mask]
+    if values.size:
+        levels = (stats.rankdata(values) - 0.5) / values.size  # in (0, 1)
+        matched[mask] = np.interp(levels, np.linspace(0.0, 1.0, len(reference)), reference)
+    return matched
+
+
 def _official_slice_scaling(values: np.ndarray, noise_floor: float) -> np.ndarray:
     """Official TarGAN MR preprocessing: below ``noise_floor`` -> 0, then per-slice min-max to [0, 1]."""
     values = np.where(values < noise_floor, 0.0, values).astype(np.float32)
@@ -128,12 +158,36 @@ def _official_slice_scaling(values: np.ndarray, noise_floor: float) -> np.ndarra
     return np.divide(values - low, span, out=np.zeros_like(values), where=span > 0)
 
 
+# guess_kind's thresholds. Hounsfield units put air near -1000: a CT scan has at least a little of
+# it (around the body, in the lungs and bowel) in its lowest percentile. MR magnitudes are not
+# negative, except for small dips where resampling (sinc or spline interpolation) undershoots
+# next to edges: a few voxels at a few percent of the bright tissue at most.
+_CT_AIR_HU = -500.0
+_MR_UNDERSHOOT = 0.05  # of the bright tissue level (99th percentile)
+_MR_NEGATIVE_FRACTION = 0.01
+_GUESS_VOXELS = 2_000_000  # voxels looked at, evenly spaced through the volume
+
+
 def guess_kind(values: np.ndarray) -> str | None:
-    """"ct" for Hounsfield units (air about -1000: over 1 % of the voxels below -500), "mr" for
-    non-negative values, None when neither fits (e.g. a volume already scaled to [-1, 1])."""
+    """"ct", "mr" or None (neither fits, e.g. a volume already scaled to [-1, 1]) from the intensity
+    distribution's percentiles and shape, never from a single extreme voxel.
+
+    CT: Hounsfield units, the lowest percentile in air (below -500 HU), the highest in tissue.
+    MR: at most 1 % of the voxels negative and none of them far below zero (the 0.1st percentile
+    within 5 % of the 99th percentile's level), with a bright tail well above the median (a
+    body's signal over a dark background).
+    """
     flat = np.asarray(values).ravel()
+    flat = flat[:: max(1, flat.size // _GUESS_VOXELS)].astype(np.float64)  # an even sample is enough
+    flat = flat[np.isfinite(flat)]
     if flat.size == 0:
         return None
-    if np.count_nonzero(flat < -500) > 0.01 * flat.size:
+    p01, p1, p50, p99 = np.percentile(flat, [0.1, 1.0, 50.0, 99.0])
+    if p1 < _CT_AIR_HU and p99 > _CT_AIR_HU:
         return "ct"
-    return "mr" if flat.min() >= 0 else None
+    if p99 <= 0:
+        return None
+    negative = np.count_nonzero(flat < 0) / flat.size
+    if negative <= _MR_NEGATIVE_FRACTION and p01 >= -_MR_UNDERSHOOT * p99 and p99 > p50:
+        return "mr"
+    return None

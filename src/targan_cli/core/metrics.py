@@ -130,6 +130,33 @@ def summarize(values: Sequence[float]) -> tuple[float, float, int]:
     return float(finite.mean()), float(finite.std()), int(finite.size)
 
 
+BOOTSTRAP_RESAMPLES = 2000
+"""Resamples of the bootstrap confidence intervals (seeded: the same values give the same interval)."""
+
+
+def bootstrap_interval(values: Sequence[float], confidence: float = 0.95,
+                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap ``confidence`` interval of the mean of the finite ``values``
+    (``scipy.stats.bootstrap``, volumes resampled with replacement).
+
+    With fewer than two finite values there is no interval: ``(nan, nan)``; with all values
+    equal the interval is that value. The interval describes the spread of these few volumes
+    only, not of a population they would represent.
+    """
+    from scipy import stats
+
+    array = np.asarray(values, dtype=np.float64).ravel()
+    finite = array[np.isfinite(array)]
+    if finite.size < 2:
+        return math.nan, math.nan
+    if np.all(finite == finite[0]):
+        return float(finite[0]), float(finite[0])
+    result = stats.bootstrap((finite,), np.mean, confidence_level=confidence, n_resamples=resamples,
+                             method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    interval = result.confidence_interval
+    return float(interval.low), float(interval.high)
+
+
 def first_line(error: BaseException) -> str:
     """The gist of an exception for a one-line message: its first sentence."""
     text = str(error).strip()

@@ -31,7 +31,7 @@ from pydicom.uid import (UID, CTImageStorage, ExplicitVRBigEndian, ExplicitVRLit
                          MRImageStorage, generate_uid)
 from pydicom.valuerep import format_number_as_ds
 
-from targan_cli.errors import TarganError, UsageError
+from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output, check_writable
 from targan_cli.io.volume import _INT16_RANGE, NIFTI_SUFFIXES, Volume, _reason
 
@@ -131,7 +131,7 @@ class DicomSeries:
         if not self.skipped:
             return None
         names = ", ".join(p.name for p in self.skipped[:3]) + (", ..." if len(self.skipped) > 3 else "")
-        return f"skipped {len(self.skipped)} file(s) that are not DICOM images ({names})"
+        return f"skipped {counted(len(self.skipped), 'file')} that {'is' if len(self.skipped) == 1 else 'are'} not DICOM images ({names})"
 
 
 @_quiet()
@@ -150,7 +150,7 @@ def read_dicom(path: Path, series: str | None = None) -> DicomSeries:
                     f"no DICOM images directly in this folder; its subfolders {', '.join(subfolders)} "
                     "hold DICOM series: pass one of them", path)
             raise TarganError("no DICOM image files in this folder" +
-                              (f" ({len(skipped)} other file(s))" if skipped else ""), path)
+                              (f" ({counted(len(skipped), 'other file')})" if skipped else ""), path)
     else:
         header = _header(path)
         if header is None:
@@ -217,7 +217,7 @@ def _dicomdir_files(path: Path, header: pydicom.Dataset) -> list[Path]:
         files.append(path.parent.joinpath(*parts))
     missing = [file for file in files if not file.is_file()]
     if missing:
-        raise TarganError(f"lists {len(missing)} file(s) that do not exist, e.g. {missing[0]}", path)
+        raise TarganError(f"lists {counted(len(missing), 'file')} that {'does' if len(missing) == 1 else 'do'} not exist, e.g. {missing[0]}", path)
     return files
 
 
@@ -229,7 +229,7 @@ def _series_line(uid: str, images: list[tuple[Path, pydicom.Dataset]]) -> str:
     dataset = images[0][1]
     description = str(dataset.get("SeriesDescription", "")).strip() or "no description"
     modality = str(dataset.get("Modality", "")).strip() or "no modality"
-    return f"{uid or '(no SeriesInstanceUID)'} ({description}, {modality}, {len(images)} slice(s))"
+    return f"{uid or '(no SeriesInstanceUID)'} ({description}, {modality}, {counted(len(images), 'slice')})"
 
 
 def _pick_series(images: list[tuple[Path, pydicom.Dataset]], series: str | None,

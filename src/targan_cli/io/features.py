@@ -21,6 +21,9 @@ from targan_cli.process import quiet_logger
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 """torch-fidelity's Inception-v3 FID weights (converted from the TensorFlow FID graph)."""
 
+TORCH_FIDELITY_VERSION = "0.4.0"
+"""The torch-fidelity release the Inception-v3 FID features are tested with."""
+
 
 EXPORTED_SUFFIX = ".pt2"
 """Feature files with this suffix are torch.export programs; any other is read as TorchScript."""
@@ -91,6 +94,19 @@ def feature_module_kind(path: str | Path) -> str:
     return "torch.export" if Path(path).suffix == EXPORTED_SUFFIX else "torchscript"
 
 
+def fid_install_command(torch_version: str = torch.__version__) -> str:
+    """The pip command that adds torch-fidelity and torchvision and leaves the installed torch as it
+    is: ``--no-deps``, the torchvision release built for this torch (torch 2.N pairs with
+    torchvision 0.(N + 15)) and, for a torch from PyTorch's own index (a local version such as
+    ``+cpu`` or ``+cu121``), that index, whose torchvision build matches it. Their other needs
+    (numpy, scipy, Pillow, tqdm) come with targan-cli."""
+    release, _, variant = torch_version.partition("+")
+    major, minor = (int(part) for part in release.split(".")[:2])
+    index = f" --extra-index-url https://download.pytorch.org/whl/{variant}" if variant else ""
+    return (f"pip install --no-deps torch-fidelity=={TORCH_FIDELITY_VERSION} "
+            f"'torchvision=={major - 2}.{minor + 15}.*'{index}")
+
+
 def inception_weights_cache_path() -> Path:
     """Where torch hub (and so torch-fidelity) keeps the Inception-v3 FID weights."""
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
@@ -128,8 +144,11 @@ def inception_features(weights_path: str | Path | None = None) -> nn.Module:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
     except ImportError as error:
         raise TarganError(f"Inception-v3 FID features need torch-fidelity and torchvision "
-                          f"({first_line(error)}): pip install torch-fidelity, "
-                          "or pass --fid-features FILE") from None
+                          f"({first_line(error)}). Install them and keep your torch {torch.__version__}: "
+                          f"`{fid_install_command()}` (a plain `pip install torch-fidelity` would replace "
+                          "torch). The Inception-v3 weights (about 92 MB) download on first use to "
+                          f"{inception_weights_cache_path()}; offline, copy {INCEPTION_WEIGHTS_FILE} "
+                          "there or pass --inception-weights FILE. Or pass --fid-features FILE") from None
     if weights_path is None:
         weights_path = inception_weights_cache_path()
         if not weights_path.is_file():

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from targan_cli.config import IntensitySettings
 from targan_cli.errors import TarganError
 from targan_cli.io.atomic import atomic_output
 
@@ -29,6 +30,23 @@ MARGIN = 6  # pixels around labels and between tiles
 BACKGROUND = 0
 TEXT = 255
 OUTLINE_COLOUR: Colour = (255, 64, 64)  # red, unlike any grey
+
+
+def modality_window(settings: IntensitySettings) -> Window:
+    """The one display window of a modality, in its stored units: CT its HU window, MR from 0 to
+    ``reference_high`` (the typical robust maximum of the training volumes), so that every image
+    of one modality, input, translation or truth, is shown alike."""
+    if settings.kind == "ct":
+        return settings.window
+    if settings.reference_high is None:
+        raise ValueError("an MR window needs reference_high (the weights' intensity settings)")
+    return 0.0, float(settings.reference_high)
+
+
+def describe_window(name: str, settings: IntensitySettings) -> str:
+    """``modality_window`` in words, for a caption: "ct: HU -160 to 240"."""
+    low, high = modality_window(settings)
+    return f"{name}: {'HU ' if settings.kind == 'ct' else ''}{low:.0f} to {high:.0f}"
 
 
 def window_to_uint8(image: np.ndarray, window: Window | None = None) -> np.ndarray:
@@ -67,13 +85,16 @@ def _tile(image: np.ndarray, window: Window | None, size: int, outline: np.ndarr
 def _check_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str],
                 column_labels: Sequence[str], column_windows: Sequence[Window | None] | None,
                 row_windows: Sequence[Window | None] | None,
-                outlines: Sequence[Sequence[np.ndarray | None]] | None) -> None:
+                outlines: Sequence[Sequence[np.ndarray | None]] | None,
+                cell_windows: Sequence[Sequence[Window | None]] | None = None) -> None:
     if not rows or not column_labels:
         raise ValueError("a montage needs at least one row and one column")
     if len(row_labels) != len(rows):
         raise ValueError(f"{len(rows)} rows but {len(row_labels)} row labels")
-    if column_windows is not None and row_windows is not None:
-        raise ValueError("give column windows or row windows, not both")
+    if sum(windows is not None for windows in (column_windows, row_windows, cell_windows)) > 1:
+        raise ValueError("give column, row or cell windows, not several")
+    if cell_windows is not None and [len(row) for row in cell_windows] != [len(column_labels)] * len(rows):
+        raise ValueError(f"cell windows must be {len(rows)} rows of {len(column_labels)}")
     if column_windows is not None and len(column_windows) != len(column_labels):
         raise ValueError(f"{len(column_labels)} columns but {len(column_windows)} column windows")
     if row_windows is not None and len(row_windows) != len(rows):
@@ -100,10 +121,12 @@ def render_montage(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[st
                    column_labels: Sequence[str], *, column_windows: Sequence[Window | None] | None = None,
                    row_windows: Sequence[Window | None] | None = None,
                    outlines: Sequence[Sequence[np.ndarray | None]] | None = None,
-                   outline_colour: Colour = OUTLINE_COLOUR, tile_size: int = 192) -> Image.Image:
+                   outline_colour: Colour = OUTLINE_COLOUR, tile_size: int = 192,
+                   cell_windows: Sequence[Sequence[Window | None]] | None = None,
+                   caption: str | None = None) -> Image.Image:
     """The labelled grid as a PIL image (see the module docstring): grey-scale ("L"), or RGB
-    when ``outlines`` are given."""
-    _check_grid(rows, row_labels, column_labels, column_windows, row_windows, outlines)
+    when ``outlines`` are given; ``caption`` is a line of text under the grid."""
+    _check_grid(rows, row_labels, column_labels, column_windows, row_windows, outlines, cell_windows)
     mode = "L" if outlines is None else "RGB"
     text = TEXT if mode == "L" else (TEXT, TEXT, TEXT)
     font = ImageFont.load_default()
@@ -113,11 +136,15 @@ def render_montage(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[st
     left = int(np.ceil(label_width)) + 2 * MARGIN
     top = text_height + 2 * MARGIN
     step = tile_size + MARGIN
-    if row_windows is not None:  # windows[r][c]: one grid, whichever way the windows were given
+    if cell_windows is not None:  # windows[r][c]: one grid, whichever way the windows were given
+        windows = [list(row) for row in cell_windows]
+    elif row_windows is not None:
         windows = [[window] * len(column_labels) for window in row_windows]
     else:
         windows = [list(column_windows or [None] * len(column_labels))] * len(rows)
-    canvas = Image.new(mode, (left + len(column_labels) * step, top + len(rows) * step), BACKGROUND)
+    bottom = text_height + 2 * MARGIN if caption else 0
+    width = max(left + len(column_labels) * step, int(np.ceil(measure.textlength(caption or "", font=font))) + 2 * MARGIN)
+    canvas = Image.new(mode, (width, top + len(rows) * step + bottom), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for column, label in enumerate(column_labels):
         draw.text((left + column * step, MARGIN), label, fill=text, font=font)
@@ -128,6 +155,8 @@ def render_montage(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[st
             outline = outlines[row_index][column] if outlines is not None else None
             canvas.paste(_tile(image, windows[row_index][column], tile_size, outline, outline_colour),
                          (left + column * step, y))
+    if caption:
+        draw.text((MARGIN, top + len(rows) * step + MARGIN), caption, fill=text, font=font)
     return canvas
 
 
@@ -136,20 +165,22 @@ def save_montage(path: str | Path, rows: Sequence[Sequence[np.ndarray]], row_lab
                  column_windows: Sequence[Window | None] | None = None,
                  row_windows: Sequence[Window | None] | None = None,
                  outlines: Sequence[Sequence[np.ndarray | None]] | None = None,
-                 outline_colour: Colour = OUTLINE_COLOUR, tile_size: int = 192) -> Path:
+                 outline_colour: Colour = OUTLINE_COLOUR, tile_size: int = 192,
+                 cell_windows: Sequence[Sequence[Window | None]] | None = None, caption: str | None = None) -> Path:
     """Write the labelled grid ``rows[r][c]`` as a PNG, atomically.
 
-    ``column_windows[c]`` (or ``row_windows[r]``, not both) is a fixed (low, high) window for
-    column ``c`` (row ``r``) or None for a window per image (robust percentiles); every image is
-    scaled to a ``tile_size`` square tile. ``outlines[r][c]``, a bool mask of the image's shape or
-    None, is outlined in ``outline_colour``.
+    ``column_windows[c]`` (or ``row_windows[r]``, or ``cell_windows[r][c]``: one of the three) is
+    a fixed (low, high) window for column ``c`` (row ``r``, cell ``r, c``) or None for a window per
+    image (robust percentiles); every image is scaled to a ``tile_size`` square tile.
+    ``outlines[r][c]``, a bool mask of the image's shape or None, is outlined in
+    ``outline_colour``; ``caption`` is written under the grid (say what the windows are).
     """
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise TarganError("a montage is written as PNG: the name must end in .png", path)
     image = render_montage(rows, row_labels, column_labels, column_windows=column_windows,
                            row_windows=row_windows, outlines=outlines, outline_colour=outline_colour,
-                           tile_size=tile_size)
+                           tile_size=tile_size, cell_windows=cell_windows, caption=caption)
     with atomic_output(path, overwrite=overwrite, kind="png") as temporary:
         image.save(temporary, format="PNG")
     return path

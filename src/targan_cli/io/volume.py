@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
-from targan_cli.errors import TarganError, UsageError
+from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output
 from targan_cli.process import quiet_logger
 
@@ -187,7 +187,7 @@ def _read_nifti(path: Path) -> Volume:
     if np.issubdtype(array.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
-            raise TarganError(f"{bad} voxel(s) are NaN or infinite", path)
+            raise TarganError(f"{counted(bad, 'voxel')} {'is' if bad == 1 else 'are'} NaN or infinite", path)
         largest = max(-float(array.min()), float(array.max()))
         if largest > _FLOAT32_MAX:  # float64 data, or a huge scl_slope
             raise TarganError(f"holds values up to {largest:.3g} in magnitude, beyond float32's range "

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from targan_cli.config import WeightsConfig, read_json
 from targan_cli.core.networks import Generator
-from targan_cli.errors import TarganError
+from targan_cli.errors import TarganError, counted
 from targan_cli.io.atomic import atomic_output
 
 WEIGHTS_FILE = "model.safetensors"
@@ -103,6 +103,15 @@ def _hub_host_resolves() -> bool:
     return True
 
 
+# The default repo holds no weights yet: the two ways forward, with their exact commands.
+UNPUBLISHED = (
+    f"no pretrained weights are published yet (weights/README.md; {DEFAULT_REPO!r} is reserved for them). "
+    "Two ways forward: `targan demo` (offline, minutes; synthetic phantoms) writes weights to try with "
+    "--weights targan-demo/run/export; or train CHAOS weights: `targan data import-chaos CHAOS_Train_Sets/ "
+    "chaos/` then `targan train --data chaos/ --epochs 50 --out runs/chaos` (a GPU; docs/train.md) and "
+    "pass --weights runs/chaos/export")
+
+
 def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
     """Fetch config.json and model.safetensors of a Hub repo (from the cache alone when the Hub
     cannot be resolved); returns the snapshot folder and commit."""
@@ -114,12 +123,16 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
         paths = [Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=cache_only))
                  for name in (CONFIG_FILE, WEIGHTS_FILE)]
     except LocalEntryNotFoundError:
+        if repo_id == DEFAULT_REPO:  # not in the cache, and nothing published to fetch
+            raise TarganError(UNPUBLISHED) from None
         raise TarganError(
             f"weights {repo_id!r} are neither in the local Hugging Face cache nor reachable "
             "(offline?). Train your own with `targan train --data DATA` and pass "
             "--weights RUN/export, or set TARGAN_WEIGHTS to a weights folder"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as error:
+        if repo_id == DEFAULT_REPO and getattr(getattr(error, "response", None), "status_code", None) in (401, 404):
+            raise TarganError(UNPUBLISHED) from None  # the Hub answers: no such repo yet
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TarganError(
             f"cannot download weights {repo_id!r}"
@@ -169,9 +182,9 @@ def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch
     extra = sorted(set(tensors) - set(expected))
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing tensor(s) ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
+        problems.append(f"{counted(len(missing), 'missing tensor')} ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
     if extra:
-        problems.append(f"{len(extra)} unexpected tensor(s) ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''})")
+        problems.append(f"{counted(len(extra), 'unexpected tensor')} ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''})")
     for name in sorted(set(tensors) & set(expected)):
         if tensors[name].shape != expected[name].shape:
             problems.append(f"{name} has shape {tuple(tensors[name].shape)}, the config needs "

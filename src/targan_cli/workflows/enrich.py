@@ -36,7 +36,7 @@ from targan_cli import __version__
 from targan_cli.config import IntensitySettings, default_modalities
 from targan_cli.core.device import check_precision, pick_device
 from targan_cli.data.dataset import IMAGES, SPLITS, open_data_dir
-from targan_cli.errors import TarganError, UsageError
+from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output, check_apart, local_paths, made_by_targan, mark_folder
 from targan_cli.io.volume import (NIFTI_SUFFIXES, case_id, list_volumes, read_label, read_volume,
                                   write_volume)
@@ -645,7 +645,7 @@ def verify_nnunet_dataset(folder: str | Path) -> list[str]:
     channels = len(data["channel_names"])
     cases = _identifiers(folder / IMAGES_TR, file_ending)
     if len(cases) != data["numTraining"]:
-        problems.append(f"dataset.json numTraining is {data['numTraining']} but imagesTr holds {len(cases)} case(s)")
+        problems.append(f"dataset.json numTraining is {data['numTraining']} but imagesTr holds {counted(len(cases), 'case')}")
     declared = {v for k, v in data["labels"].items()}
     problems += _check_images(folder, IMAGES_TR, file_ending, channels, declared)
     if (folder / IMAGES_TS).is_dir():

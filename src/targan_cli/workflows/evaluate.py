@@ -23,6 +23,7 @@ import math
 import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,11 @@ from targan_cli import __version__
 from targan_cli.config import IntensitySettings, ModalitySpec
 from targan_cli.core.device import pick_device
 from targan_cli.core.inference import translate_slices
-from targan_cli.core.intensity import body_mask, denormalize, normalize
-from targan_cli.core.metrics import FrechetDistance, dice, paired_metrics, ravd, summarize
+from targan_cli.core.intensity import body_mask, body_quantiles, denormalize, match_histogram, normalize
+from targan_cli.core.metrics import FrechetDistance, bootstrap_interval, dice, paired_metrics, ravd, summarize
 from targan_cli.core.slicing import PlaneFit, from_model, plane_fit, to_model
 from targan_cli.data.dataset import PAIRED, Case, DataDir, open_data_dir
-from targan_cli.errors import TarganError, UsageError
+from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output, check_writable, local_paths
 from targan_cli.io.features import feature_module_kind, inception_features, load_feature_module
 from targan_cli.io.volume import Volume, case_id, list_volumes, read_label, read_on_grid, read_volume, to_slices
@@ -107,20 +108,24 @@ class Record:
 
 @dataclass(frozen=True)
 class Summary:
-    """Mean and population std of the finite values of one cell; nan and infinite values are counted
-    apart (RAVD of an empty reference is nan, PSNR of identical images infinite)."""
+    """Mean, population std and bootstrap 95 % interval of the mean (``low``, ``high``; nan below two
+    values) of the finite values of one cell; nan and infinite values are counted apart (RAVD of
+    an empty reference is nan, PSNR of identical images infinite). ``count`` is the n of the cell."""
 
     mean: float
     std: float
     count: int
     missing: int = 0
     infinite: int = 0
+    low: float = math.nan
+    high: float = math.nan
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Summary:
         array = np.asarray(values, dtype=np.float64)
         mean, std, count = summarize(array)
-        return cls(mean, std, count, int(np.isnan(array).sum()), int(np.isinf(array).sum()))
+        low, high = bootstrap_interval(array)
+        return cls(mean, std, count, int(np.isnan(array).sum()), int(np.isinf(array).sum()), low, high)
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,11 @@ class EvaluationResult:
     @property
     def rows(self) -> list[tuple[str, tuple[Summary | None, ...]]]:
         return list(zip(self.models, self.summaries))
+
+    def column_count(self, index: int) -> str:
+        """The n of column ``index``: values per cell ("4"; "4/3" where the rows differ)."""
+        counts = (row[index].count if row[index] is not None else 0 for row in self.summaries)
+        return "/".join(str(count) for count in dict.fromkeys(counts))
 
 
 def _versions() -> dict[str, str]:
@@ -176,6 +186,49 @@ def build_result(title: str, models: Sequence[str], columns: Sequence[Column], r
     )
     return EvaluationResult(title, tuple(models), tuple(columns), summaries, _best_rows(columns, summaries),
                             tuple(records), settings, _versions(), tuple(notes))
+
+
+def beaten_columns(result: EvaluationResult, model: str, baseline: str) -> dict[str, bool]:
+    """Per column where both rows have a value: whether ``model``'s mean is better than ``baseline``'s."""
+    ours, theirs = (result.summaries[result.models.index(label)] for label in (model, baseline))
+    beaten = {}
+    for column, mine, other in zip(result.columns, ours, theirs):
+        if mine is None or other is None or mine.count == 0 or other.count == 0:
+            continue
+        beaten[column.label] = mine.mean < other.mean if column.lower_is_better else mine.mean > other.mean
+    return beaten
+
+
+def verdict(result: EvaluationResult, model: str) -> str:
+    """One sentence, computed from the table: which baseline rows ``model`` beats in how many
+    columns, which columns it does not (or, where it loses most, which it does), and in how many
+    its 95 % interval is clear of the baseline's (from two volumes per cell on)."""
+    parts = []
+    for baseline in (label for label in result.models if label in BASELINE_LABELS):
+        beaten = beaten_columns(result, model, baseline)
+        lost = [label for label, won in beaten.items() if not won]
+        columns = {column.label: index for index, column in enumerate(result.columns)}
+        ours, theirs = (result.summaries[result.models.index(label)] for label in (model, baseline))
+        clear = sum(1 for label, won in beaten.items() if won and not _overlap(ours[columns[label]],
+                                                                                 theirs[columns[label]]))
+        text = f"{baseline} in {sum(beaten.values())} of {counted(len(beaten), 'column')}"
+        text += f" ({clear} with 95 % intervals apart)" if clear else ""
+        won = [label for label, better in beaten.items() if better]
+        if lost and len(won) >= len(lost):  # name the shorter list
+            text += f", not in {', '.join(lost)}"
+        elif won and lost:
+            text += f", only in {', '.join(won)}"
+        parts.append(text)
+    if not parts:
+        return f"{model}: no baseline rows to compare with."
+    return f"{model} beats " + "; ".join(parts) + "."
+
+
+def _overlap(first: Summary, second: Summary) -> bool:
+    """Whether two cells' 95 % intervals overlap (true when either has none)."""
+    if any(math.isnan(value) for value in (first.low, first.high, second.low, second.high)):
+        return True
+    return first.low <= second.high and second.low <= first.high
 
 
 # ----------------------------------------------------------------------------- options
@@ -236,6 +289,70 @@ def generator_model(weights: Weights, label: str, batch_size: int = 16) -> Evalu
     description = {"source": label, "folder": str(weights.folder), "preset": config.preset,
                    "image_size": config.model.image_size, "provenance": config.provenance}
     return EvaluatedModel(label, config.modalities, config.model.image_size, translate, description)
+
+
+# ----------------------------------------------------------------------------- trivial baselines
+
+IDENTITY_LABEL = "identity (copy input)"
+MEAN_FILL_LABEL = "body mean-fill"
+HISTOGRAM_LABEL = "histogram-matched source"
+BASELINE_LABELS = (IDENTITY_LABEL, MEAN_FILL_LABEL, HISTOGRAM_LABEL)
+
+
+def _target_distributions(data: DataDir, modalities: Sequence[ModalitySpec]) -> dict[str, tuple[float, np.ndarray]]:
+    """Per modality with training volumes: the mean body intensity and the body quantile function
+    (``body_quantiles``, averaged over volumes) in the normalized range, from the train split."""
+    distributions = {}
+    for spec in modalities:
+        means, quantiles = [], []
+        for case in data.cases("train", spec.name) if spec.name in data.spec.modality_names else ():
+            try:
+                normalized = normalize(to_slices(read_volume(case.image))[0], spec.intensity)
+            except TarganError as error:
+                raise _named(error, f"{spec.name} training case {case.case_id}", case.image) from None
+            mask = body_mask(normalized)
+            if mask.any():
+                means.append(float(normalized[mask].mean()))
+                quantiles.append(body_quantiles(normalized, mask))
+        if means:
+            distributions[spec.name] = (float(np.mean(means)), np.mean(quantiles, axis=0))
+    return distributions
+
+
+def trivial_baselines(data: DataDir, modalities: Sequence[ModalitySpec],
+                      image_size: int) -> tuple[list[EvaluatedModel], list[str]]:
+    """The baselines a translation model must beat, on ``modalities``' intensity settings: the input
+    itself; the source's body filled with the target modality's mean body intensity; the source
+    histogram-matched to the target's body intensities (both from the train split). Returns them
+    and a note for each one that cannot be built (no training volumes of a modality)."""
+    modalities = tuple(modalities)
+    distributions = _target_distributions(data, modalities)
+
+    def identity(case: Case, slices: np.ndarray, source: str, target: str) -> np.ndarray:
+        return slices
+
+    def mean_fill(case: Case, slices: np.ndarray, source: str, target: str) -> np.ndarray:
+        return np.where(body_mask(slices), np.float32(distributions[target][0]), np.float32(BACKGROUND))
+
+    def histogram(case: Case, slices: np.ndarray, source: str, target: str) -> np.ndarray:
+        return match_histogram(slices, body_mask(slices), distributions[target][1], BACKGROUND)
+
+    baselines = [EvaluatedModel(IDENTITY_LABEL, modalities, image_size, identity,
+                                {"source": IDENTITY_LABEL, "description": "copies the input"})]
+    missing = [spec.name for spec in modalities if spec.name not in distributions]
+    if missing:
+        return baselines, [f"no training volumes of {', '.join(missing)}: the {MEAN_FILL_LABEL} and "
+                           f"{HISTOGRAM_LABEL} baselines need them and are left out"]
+    baselines += [
+        EvaluatedModel(MEAN_FILL_LABEL, modalities, image_size, mean_fill,
+                       {"source": MEAN_FILL_LABEL, "description": "the source's body mask filled with the target "
+                        "modality's mean body intensity (train split)",
+                        "means": {name: mean for name, (mean, _) in distributions.items()}}),
+        EvaluatedModel(HISTOGRAM_LABEL, modalities, image_size, histogram,
+                       {"source": HISTOGRAM_LABEL, "description": "the source's body intensities matched to the "
+                        "target modality's body histogram (train split); background kept"}),
+    ]
+    return baselines, []
 
 
 # ----------------------------------------------------------------------------- translation metrics
@@ -376,7 +493,8 @@ def _missing_pairs_notes(data: DataDir, split: str, targets: Sequence[str], metr
         if missing:
             first = missing[0]
             where = data.root / split / first.modality / PAIRED / target / f"{first.case_id}.nii.gz"
-            notes.append(f"{len(missing)} {split} case(s) have no paired {target} rendering (the first belongs at "
+            notes.append(f"{counted(len(missing), f'{split} case')} {'has' if len(missing) == 1 else 'have'} no paired "
+                         f"{target} rendering (the first belongs at "
                          f"{where}): n/a in the {target} {', '.join(metrics)} cells")
     return notes
 
@@ -510,17 +628,20 @@ def evaluate_segmentations(predictions: Sequence[str | Path], truth: str | Path,
     labels = [str(path) for path in predictions]
     if len(set(labels)) != len(labels):
         raise UsageError(f"pass each --pred folder once, got {', '.join(labels)}")
+    predicted = {label: {case_id(path): path for path in list_volumes(folder)}
+                 for label, folder in zip(labels, map(Path, predictions))}
+    for label, folder in zip(labels, map(Path, predictions)):  # every case found before any is read
+        for case in map(case_id, truth_files):
+            if case not in predicted[label]:
+                raise TarganError(f"no prediction for case {case!r} (expected {case}.nii.gz here)", folder)
     if total_callback is not None:
         total_callback(len(labels) * len(truth_files))
     records: list[Record] = []
     notes: list[str] = []
-    for label, folder in zip(labels, map(Path, predictions)):
-        predicted = {case_id(path): path for path in list_volumes(folder)}
+    for label in labels:
         for truth_file in truth_files:
             case = case_id(truth_file)
-            if case not in predicted:
-                raise TarganError(f"no prediction for case {case!r} (expected {case}.nii.gz here)", folder)
-            prediction, reference = _read_pair(predicted[case], truth_file)
+            prediction, reference = _read_pair(predicted[label][case], truth_file)
             values = {"dice": dice(prediction, reference), "ravd": ravd(prediction, reference)}
             if "ravd" in metrics and math.isnan(values["ravd"]):
                 notes.append(f"{label}: RAVD n/a for case {case} (empty reference)")
@@ -549,6 +670,7 @@ def evaluate(
     split: str = "test",
     device: str = "auto",
     batch_size: int = 16,
+    baselines: bool = True,
     json_out: str | Path | None = None,
     csv_out: str | Path | None = None,
     overwrite: bool = False,
@@ -558,7 +680,8 @@ def evaluate(
     """`targan evaluate`: check every option and output first, then compute, then write JSON/CSV.
 
     Translation metrics need ``data`` and ``weights`` (none: $TARGAN_WEIGHTS or the default
-    repo); dice and ravd need ``predictions`` and ``truth``.
+    repo) and, with ``baselines``, rows for the trivial baselines (``trivial_baselines``) follow
+    the models'; dice and ravd need ``predictions`` and ``truth``.
     """
     metrics = parse_metrics(metrics)
     if batch_size < 1:
@@ -591,10 +714,13 @@ def evaluate(
         models = [generator_model(load_weights(source, None, torch_device), source, batch_size) for source in sources]
         features, features_description = (_fid_features(fid_features, inception_weights, models[0].image_size)
                                           if "fid" in metrics else (None, None))
-        result = evaluate_models(dataset, models, metrics, split=split, segmenters=segmenters,
+        extra, notes = (trivial_baselines(dataset, models[0].modalities, models[0].image_size) if baselines
+                        else ([], []))
+        result = evaluate_models(dataset, models + extra, metrics, split=split, segmenters=segmenters,
                                  fid_features=features, device=torch_device, batch_size=batch_size,
                                  settings={"fid_features": features_description},
                                  progress=progress, total_callback=total_callback)
+        result = dataclasses.replace(result, notes=(*notes, *result.notes))
     if json_out is not None:
         write_json(result, json_out, overwrite)
     if csv_out is not None:
@@ -605,14 +731,14 @@ def evaluate(
 # ----------------------------------------------------------------------------- outputs
 
 
-def _strict_json(value: Any) -> Any:
+def strict_json(value: Any) -> Any:
     """``value`` with every nan as None and every infinity as "inf" / "-inf": strict JSON has neither."""
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
-        return {key: _strict_json(item) for key, item in value.items()}
+        return {key: strict_json(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict_json(item) for item in value]
+        return [strict_json(item) for item in value]
     return value
 
 
@@ -625,8 +751,8 @@ def result_to_dict(result: EvaluationResult) -> dict[str, Any]:
         "columns": [{"label": c.label, "metric": c.metric, "target": c.target, "region": c.region,
                      "lower_is_better": c.lower_is_better} for c in result.columns],
         "rows": [{"model": model, "cells": [
-            None if s is None else {"mean": s.mean, "std": s.std, "count": s.count, "missing": s.missing,
-                                    "infinite": s.infinite}
+            None if s is None else {"mean": s.mean, "std": s.std, "ci95": [s.low, s.high], "count": s.count,
+                                    "missing": s.missing, "infinite": s.infinite}
             for s in summaries]} for model, summaries in result.rows],
         "best": list(result.best),
         "notes": list(result.notes),
@@ -638,7 +764,7 @@ def result_to_dict(result: EvaluationResult) -> dict[str, Any]:
 
 def write_json(result: EvaluationResult, path: str | Path, overwrite: bool = False) -> Path:
     """The result as strict JSON (``result_to_dict``; nan -> null, inf -> "inf"), written atomically."""
-    text = json.dumps(_strict_json(result_to_dict(result)), indent=2, allow_nan=False, default=str) + "\n"
+    text = json.dumps(strict_json(result_to_dict(result)), indent=2, allow_nan=False, default=str) + "\n"
     with atomic_output(path, overwrite=overwrite, kind="json") as temporary:
         temporary.write_text(text, encoding="utf-8")
     return Path(path)

@@ -235,6 +235,11 @@ class TrainSegmenterResult:
     test_cases: int
     seconds: float
     device: str
+    final_loss: float = float("nan")  # LOSS_NAME of the final weights on all training slices at once
+
+
+LOSS_NAME = "BCE + soft Dice loss"
+"""What ``segmentation_loss`` is, in the words the CLI prints beside its value."""
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -347,17 +352,32 @@ def train_segmenter(
             step_loss = loss.item()
             total_loss += step_loss * len(chosen)
             if progress is not None:
-                progress(1, status=f"loss {step_loss:.3f}")
+                progress(1, status=f"batch {LOSS_NAME} {step_loss:.3f}")
         epoch_losses.append(total_loss / len(indices))
 
     trained = Segmenter(network.eval().requires_grad_(False), config, out)
+    final_loss = _objective(network, slices, indices, batch_size, torch_device)
     test_dice, test_cases = _test_dice(dataset, modality, trained, batch_size)
     provenance = {
         "data": str(dataset.root.resolve()), "train_cases": len(labelled), "train_slices": int(len(indices)),
         "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
-        "final_loss": epoch_losses[-1], "test_dice": test_dice, "test_cases": test_cases,
+        "loss": LOSS_NAME, "final_loss": final_loss, "epoch_losses": epoch_losses, "test_dice": test_dice,
+        "test_cases": test_cases,
         "targan_cli": __version__, "torch": torch.__version__,
     }
     save_segmenter(out, network, dataclasses.replace(config, provenance=provenance), overwrite=overwrite)
     return TrainSegmenterResult(out, modality, len(labelled), int(len(indices)), tuple(epoch_losses),
-                                test_dice, test_cases, time.perf_counter() - started, str(torch_device))
+                                test_dice, test_cases, time.perf_counter() - started, str(torch_device), final_loss)
+
+
+@torch.no_grad()
+def _objective(network: torch.nn.Module, slices: Any, indices: np.ndarray, batch_size: int,
+               device: torch.device) -> float:
+    """``segmentation_loss`` of the final weights on all the training ``indices`` as one batch."""
+    logits, labels = [], []
+    for start in range(0, len(indices), batch_size):
+        chosen = indices[start:start + batch_size]
+        images = torch.from_numpy(np.asarray(slices.images[chosen], dtype=np.float32))[:, None]
+        logits.append(network(images.to(device)).float().cpu())  # (N, 1, S, S)
+        labels.append(torch.from_numpy(np.asarray(slices.labels[chosen], dtype=np.float32))[:, None])
+    return float(segmentation_loss(torch.cat(logits), torch.cat(labels)))

@@ -3,7 +3,7 @@
 A run folder holds::
 
     checkpoints/last.pt            everything needed to resume (weights_only loadable), atomic
-    checkpoints/step_XXXXXXX.pt    periodic copies with --checkpoint-every
+    checkpoints/step_XXXXXXX.pt    the earlier checkpoints that --keep N keeps (N - 1 of them)
     export/                        the EMA generator as a weights folder (for `targan translate`)
     metrics.jsonl                  every loss term at each logged step, with steps/s
     samples/epoch_XXX.png          held-out slices translated to every modality (EMA generator)
@@ -42,7 +42,7 @@ from targan_cli.config import ModelConfig, WeightsConfig, preset as model_preset
 from targan_cli.core.device import check_precision, pick_device
 from targan_cli.core.training import TarGAN, Trainer, TrainConfig, derived_generator
 from targan_cli.data.dataset import DataDir, SliceDataset, SliceSet, load_slices, open_data_dir
-from targan_cli.errors import TarganError, UsageError
+from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import (atomic_output, check_apart, check_writable, made_by_targan, mark_folder,
                                   write_error)
 from targan_cli.io.montage import save_montage
@@ -53,6 +53,9 @@ CHECKPOINTS, LAST_CHECKPOINT, EXPORT, SAMPLES = "checkpoints", "last.pt", "expor
 METRICS, TENSORBOARD = "metrics.jsonl", "tensorboard"
 RUN_ENTRIES = (CHECKPOINTS, EXPORT, SAMPLES, METRICS, TENSORBOARD)
 CHECKPOINT_FORMAT = 1
+ESTIMATE_AFTER_STEPS = 3  # the estimate of the run's duration is printed after this many steps
+LONG_RUN_SECONDS = 24 * 3600  # a longer estimate is warned about, with a preset and size that fit
+STALL_WINDOW = 20  # logged steps over which a discriminator that wins outright is noticed
 _ORDER_STREAM, _STEP_STREAM = 1, 2  # keep the data-order and per-step random streams apart
 
 
@@ -63,7 +66,7 @@ class TrainProgress:
     ``losses`` (every term, floats) is set at logged steps only; ``epoch`` is 1-based.
     """
 
-    phase: Literal["prepare", "train"]
+    phase: Literal["prepare", "train", "notice"]
     done: int
     total: int
     epoch: int = 0
@@ -71,6 +74,8 @@ class TrainProgress:
     losses: dict[str, float] | None = None
     steps_per_second: float | None = None
     eta_seconds: float | None = None
+    message: str | None = None  # phase "notice": a line for the user
+    warning: bool = False  # the notice is a warning
 
 
 @dataclass(frozen=True)
@@ -146,20 +151,20 @@ def _start_processes(processes: _Processes, device_name: str) -> tuple[torch.dev
 
 
 def _check_options(epochs: int, batch_size: int, max_steps: int | None, workers: int, seed: int,
-                   checkpoint_every: int | None, log_every: int, sample_every: int) -> None:
+                   checkpoint_every: int | None, log_every: int, sample_every: int, keep: int = 1) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise UsageError(f"--seed must be an integer in [0, 2^32), got {seed!r}")
     for name, value, minimum in (("--epochs", epochs, 1), ("--batch-size", batch_size, 1),
                                  ("--max-steps", max_steps, 1), ("--workers", workers, 0),
                                  ("--checkpoint-every", checkpoint_every, 1), ("--log-every", log_every, 1),
-                                 ("--sample-every", sample_every, 0)):
+                                 ("--sample-every", sample_every, 0), ("--keep", keep, 1)):
         if value is None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise UsageError(f"{name} must be an integer of at least {minimum}, got {value!r}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if workers > cores:  # refused, not silently clamped: say so, and let the user choose
-        raise UsageError(f"--workers {workers} is more than the {cores} CPU core(s) this process may use; "
+        raise UsageError(f"--workers {workers} is more than the {counted(cores, 'CPU core')} this process may use; "
                          f"pass at most {cores}")
 
 
@@ -173,7 +178,7 @@ def _check_run_dir(out: Path, resume: bool, overwrite: bool, data: Path) -> Path
         raise TarganError("the run folder exists and is not a folder", out)
     last = out / CHECKPOINTS / LAST_CHECKPOINT
     if resume:
-        if not last.is_file():
+        if not last.is_file() and not _earlier_checkpoints(out):
             raise TarganError("nothing to resume: no checkpoint here (start a new run without --resume)", last)
         check_writable(last, overwrite=True)
         return last
@@ -267,6 +272,44 @@ def _stop_if_not_finite(tensors: dict[str, torch.Tensor], what: str, step: int, 
                       "and export/ hold earlier steps only); lower --lr-g / --lr-d or the loss weights", out)
 
 
+def _earlier_checkpoints(out: Path) -> list[Path]:
+    """The step_XXXXXXX.pt checkpoints of a run folder, newest first."""
+    return sorted((out / CHECKPOINTS).glob("step_*.pt"), reverse=True)
+
+
+def resume_state(out: Path) -> tuple[Path, dict[str, Any], str | None]:
+    """The checkpoint to resume a run from: ``last.pt`` or, when it is empty or unreadable, the
+    newest earlier checkpoint that loads (``--keep``). Returns its path, its state and a notice
+    saying what was skipped (None when last.pt was good)."""
+    last = out / CHECKPOINTS / LAST_CHECKPOINT
+    problems: list[str] = []
+    for path in [last, *_earlier_checkpoints(out)]:
+        try:
+            if path.is_file() and path.stat().st_size == 0:
+                raise TarganError("is empty (a write cut short?)", path)
+            state = load_checkpoint(path)
+        except TarganError as error:
+            problems.append(str(error))
+            continue
+        if not problems:
+            return path, state, None
+        return path, state, (f"{'; '.join(problems)}: resuming from the previous good checkpoint {path} "
+                             f"(step {state['step']}) instead")
+    raise TarganError(f"{problems[0]}; no earlier checkpoint to fall back to (keep some with --keep N); start "
+                      "the run over with --overwrite")
+
+
+def _keep_copy(checkpoint: Path, kept: Path) -> None:
+    """Keep ``checkpoint`` as ``kept`` before a new one replaces it: a hard link (no copy of a
+    file that may be gigabytes; last.pt is never missing), or a copy where links do not work."""
+    kept.unlink(missing_ok=True)
+    try:
+        os.link(checkpoint, kept)
+    except OSError:
+        with atomic_output(kept, overwrite=True) as temporary:
+            shutil.copyfile(checkpoint, temporary)
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     with atomic_output(path, overwrite=True) as temporary:
         torch.save(state, temporary)
@@ -288,6 +331,10 @@ def _modalities_change(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> 
     return "other modalities"
 
 
+# Settings added after checkpoints were first written, with the value earlier versions trained with.
+_LATER_SETTINGS = {"official_body_mask": False}
+
+
 def _check_resume_settings(stored: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume with settings that change the model, the losses, the data order or the
     data: the modalities (names, order, intensity settings) and the training slices' content.
@@ -301,7 +348,7 @@ def _check_resume_settings(stored: dict[str, Any], current: dict[str, Any], path
                 out[key] = value
         return out
 
-    old, new = flat(stored), flat(current)
+    old, new = {**_LATER_SETTINGS, **flat(stored)}, flat(current)
     first = ("modalities", "slices", "data_digest")  # the most telling difference is named
     for key in [*first, *sorted((set(old) | set(new)) - set(first))]:
         if key not in old and key in first or old.get(key) == new.get(key):
@@ -399,6 +446,67 @@ class _Samples:
                      column_windows=[(-1.0, 1.0)] * len(columns))
 
 
+def _duration(seconds: float) -> str:
+    """A duration in words: "45 s", "12 min", "3.5 h", "2.1 days"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+# Smaller settings to suggest for a run that would take too long, largest first.
+_SMALLER_SETTINGS = (("paper", 256), ("small", 256), ("small", 128), ("tiny", 128), ("tiny", 64))
+
+
+def _step_cost(config: ModelConfig) -> float:
+    """A step's relative cost: convolutions cost pixels x channels squared."""
+    return config.image_size ** 2 * (config.base_width ** 2 + config.disc_width ** 2)
+
+
+def _estimate(elapsed: float, steps_done: int, steps_left: int, config: ModelConfig, preset: str,
+              device: torch.device) -> list[tuple[str, bool]]:
+    """The notices after the first steps: the run's pace and end; a warning, with a preset and size
+    that would fit, when the rest would take more than a day here."""
+    per_step = elapsed / steps_done
+    left = per_step * steps_left
+    finish = datetime.datetime.now() + datetime.timedelta(seconds=left)
+    notices = [(f"{counted(steps_done + steps_left, 'step')} to run: {per_step:.2f} s per step over the first "
+                f"{counted(steps_done, 'step')}; about {_duration(left)} more (ETA {finish:%Y-%m-%d %H:%M})", False)]
+    if left > LONG_RUN_SECONDS:
+        advice = "fewer steps (--max-steps or --epochs)"
+        for name, size in _SMALLER_SETTINGS:
+            smaller = model_preset(name, num_modalities=config.num_modalities, image_size=size)
+            estimate = left * _step_cost(smaller) / _step_cost(config)
+            if _step_cost(smaller) < _step_cost(config) and estimate <= LONG_RUN_SECONDS:
+                advice = f"--preset {name} --image-size {size} would take about {_duration(estimate)}"
+                break
+        notices.append((f"this run would take about {_duration(left)} on {device.type}, more than a day; "
+                        f"use a GPU, or {advice}", True))
+    return notices
+
+
+def discriminator_wins(history: list[dict[str, float]], window: int = STALL_WINDOW) -> str | None:
+    """A warning when the last ``window`` logged steps show the discriminator winning outright: it
+    tells real from translated slices at every one of them (its critic gap, -d_x_adv, positive)
+    and ever more clearly (the gap's last quarter over twice its first), while the generator's
+    adversarial loss rises. The generator is then not learning to translate."""
+    if len(history) < window or any("d_x_adv" not in h or "g_x_adv" not in h for h in history[-window:]):
+        return None
+    recent = history[-window:]
+    gap = np.array([-h["d_x_adv"] for h in recent])
+    adversarial = np.array([h["g_x_adv"] for h in recent])
+    quarter = max(1, window // 4)
+    if (gap > 0).all() and gap[-quarter:].mean() > 2 * gap[:quarter].mean() and \
+            adversarial[-quarter:].mean() > adversarial[:quarter].mean():
+        return (f"the discriminator is winning outright: its real/fake gap grew from {gap[:quarter].mean():.3g} to "
+                f"{gap[-quarter:].mean():.3g} over the last {len(recent)} logged steps while the generator's adversarial "
+                "loss rose: the generator is not learning. Try a lower --lr-d, a higher --lambda-gp, or check the data")
+    return None
+
+
 def weights_digest(module: torch.nn.Module) -> str:
     """SHA-256 over a module's state (names and float32 bytes): equal iff the weights are equal."""
     digest = hashlib.sha256()
@@ -476,6 +584,7 @@ def train(
     log_every: int = 10,
     sample_every: int = 1,
     compile: bool = False,
+    keep: int = 1,
     overwrite: bool = False,
     progress: Callable[[TrainProgress], None] | None = None,
 ) -> TrainResult:
@@ -483,10 +592,14 @@ def train(
 
     ``batch_size`` is per process. ``max_steps`` caps the total steps (over all epochs). Ctrl-C
     stops after the current step with a checkpoint (``TrainResult.interrupted``); resuming needs
-    the same model, loss, batch, seed and process-count settings.
+    the same model, loss, batch, seed and process-count settings. ``keep`` checkpoints stay in
+    ``checkpoints/``: last.pt and the ``keep - 1`` before it (step_XXXXXXX.pt); resuming falls back
+    to the newest of those when last.pt is damaged. ``progress`` also receives notices (phase
+    "notice"): the run's estimated duration, a run too long for this device, a discriminator
+    that wins outright, a resume that fell back.
     """
     out = Path(out)
-    _check_options(epochs, batch_size, max_steps, workers, seed, checkpoint_every, log_every, sample_every)
+    _check_options(epochs, batch_size, max_steps, workers, seed, checkpoint_every, log_every, sample_every, keep)
     try:
         train_config = TrainConfig(
             lambda_gp=lambda_gp, lambda_rcls=lambda_rcls, lambda_fcls=lambda_fcls, lambda_rec=lambda_rec,
@@ -496,6 +609,11 @@ def train(
     except ValueError as error:
         raise UsageError(str(error)) from None
     resume_from = _check_run_dir(out, resume, overwrite, Path(data))
+    checkpoint = None
+    if resume_from is not None:
+        resume_from, checkpoint, notice = resume_state(out)
+        if notice is not None and progress is not None and _Processes.from_env().is_main:
+            progress(TrainProgress("notice", 0, 0, message=notice, warning=True))
     data_dir = open_data_dir(data)
     for name in data_dir.spec.modality_names:
         if not data_dir.cases("train", name):
@@ -508,13 +626,19 @@ def train(
     except TarganError as error:
         raise UsageError(error.message) from None
     processes = _Processes.from_env()
+    if checkpoint is not None:  # the settings that need no data, checked before the data are loaded
+        early = {"preset": preset, "model": model_config.to_dict(), "train": train_config.to_dict(),
+                 "batch_size": batch_size, "seed": seed, "world_size": processes.world_size}
+        _check_resume_settings({key: value for key, value in checkpoint["settings"].items() if key in early},
+                               early, resume_from)
     torch_device, owns_group = _start_processes(processes, device)
     try:
         dtype = check_precision(precision, torch_device)
         return _run(data_dir, out, processes, torch_device, dtype, model_config, train_config, preset,
                     epochs=epochs, batch_size=batch_size, max_steps=max_steps, resume_from=resume_from,
-                    seed=seed, workers=workers, checkpoint_every=checkpoint_every, log_every=log_every,
-                    sample_every=sample_every, compile=compile, overwrite=overwrite, progress=progress)
+                    checkpoint=checkpoint, seed=seed, workers=workers, checkpoint_every=checkpoint_every,
+                    log_every=log_every, sample_every=sample_every, compile=compile, keep=keep, overwrite=overwrite,
+                    progress=progress)
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -553,16 +677,15 @@ def _load_data(data_dir: DataDir, image_size: int, processes: _Processes,
 
 def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.device, dtype: torch.dtype | None,
          model_config: ModelConfig, train_config: TrainConfig, preset: str, *, epochs: int, batch_size: int,
-         max_steps: int | None, resume_from: Path | None, seed: int, workers: int,
-         checkpoint_every: int | None, log_every: int, sample_every: int, compile: bool, overwrite: bool,
-         progress: Callable[[TrainProgress], None] | None) -> TrainResult:
+         max_steps: int | None, resume_from: Path | None, checkpoint: dict[str, Any] | None, seed: int,
+         workers: int, checkpoint_every: int | None, log_every: int, sample_every: int, compile: bool, keep: int,
+         overwrite: bool, progress: Callable[[TrainProgress], None] | None) -> TrainResult:
     main = processes.is_main
     report = progress if main else None
     slices, held_out = _load_data(data_dir, model_config.image_size, processes, report)
     settings = {"preset": preset, "model": model_config.to_dict(), "train": train_config.to_dict(),
                 "batch_size": batch_size, "seed": seed, "world_size": processes.world_size, "slices": len(slices),
                 "modalities": [m.to_dict() for m in slices.modalities], "data_digest": slices.digest()}
-    checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
     if checkpoint is not None:
         _check_resume_settings(checkpoint["settings"], settings, resume_from)
     if main and overwrite and checkpoint is None:
@@ -596,26 +719,33 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
         mark_folder(out, "train", "run folder")
     last_checkpoint = out / CHECKPOINTS / LAST_CHECKPOINT
     saved_step = step if resumed_from is not None else None
+    # The step of the good checkpoint in last.pt (None: none there, or a damaged one resumed past).
+    last_good = step if resumed_from is not None and resume_from == last_checkpoint else None
     losses: dict[str, float] = {}
+    history: list[dict[str, float]] = []  # logged losses, for the stall check
+    stall_warned = False
 
-    def save(periodic: bool) -> None:
-        """last.pt and export/ (once per step), plus step_XXXXXXX.pt when ``periodic``; rank 0 writes."""
-        nonlocal saved_step
+    def save() -> None:
+        """last.pt and export/ (once per step); with ``keep`` > 1 the previous last.pt is kept as
+        step_XXXXXXX.pt and the oldest beyond ``keep`` are removed; rank 0 writes."""
+        nonlocal saved_step, last_good
         if main and saved_step != step:
             _stop_if_not_finite(trainer.model.state_dict(), "the weights", step, out)
+            if keep > 1 and last_good is not None and last_checkpoint.is_file():
+                _keep_copy(last_checkpoint, out / CHECKPOINTS / f"step_{last_good:07d}.pt")
             state = {"format_version": CHECKPOINT_FORMAT, "settings": settings, "trainer": trainer.state_dict(),
                      "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": _rng_state(device),
                      "data": str(data_dir.root.resolve()), "modalities": [m.to_dict() for m in slices.modalities]}
             _save_checkpoint(last_checkpoint, state)
+            last_good = step
+            for stale in _earlier_checkpoints(out)[keep - 1:]:
+                stale.unlink()
             provenance = {"data": str(data_dir.root.resolve()), "steps": step, "epochs": epoch,
                           "seed": seed, "package_version": __version__,
                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                           "train_config": train_config.to_dict()}
             save_weights(out / EXPORT, trainer.model.ema_generator,
                          dataclasses.replace(weights_config, provenance=provenance), overwrite=True, command="train")
-        if main and periodic:
-            with atomic_output(out / CHECKPOINTS / f"step_{step:07d}.pt", overwrite=True) as temporary:
-                shutil.copyfile(last_checkpoint, temporary)
         saved_step = step
         processes.barrier()
 
@@ -645,6 +775,16 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
                                    "steps_per_second": window_rate, **losses})
                         last_log_time, last_log_step = now, step
                         event_losses = losses
+                        history.append(losses)
+                        stall = None if stall_warned else discriminator_wins(history)
+                        if stall is not None and report is not None:
+                            stall_warned = True
+                            report(TrainProgress("notice", step, total_steps, message=stall, warning=True))
+                    if report is not None and step - started_step == min(ESTIMATE_AFTER_STEPS,
+                                                                          total_steps - started_step):
+                        for message, warning in _estimate(now - started, step - started_step, total_steps - step,
+                                                          model_config, preset, device):
+                            report(TrainProgress("notice", step, total_steps, message=message, warning=warning))
                     if report is not None:
                         eta = (total_steps - step) / rate if rate else None
                         try:
@@ -657,15 +797,15 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
                         if samples is not None and epoch % sample_every == 0:
                             samples.write(out / SAMPLES / f"epoch_{epoch:03d}.png", trainer.model.ema_generator,
                                           device)
-                        save(periodic=False)
+                        save()
                     if checkpoint_every and step % checkpoint_every == 0:
-                        save(periodic=True)
+                        save()
                     if stop.agreed(processes, device):
                         interrupted = True
                         break
                     if step >= total_steps:
                         break
-            save(periodic=False)  # inside the handlers: a Ctrl-C now does not abort the write
+            save()  # inside the handlers: a Ctrl-C now does not abort the write
     finally:
         if log is not None:
             log.close()

@@ -24,7 +24,7 @@ from targan_cli.core.intensity import denormalize, guess_kind, normalize
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import check_apart, check_writable, local_paths
 from targan_cli.io.dicom import DicomSeries, check_series_folder, dicom_series_folders, read_dicom, write_dicom
-from targan_cli.io.montage import save_montage
+from targan_cli.io.montage import describe_window, modality_window, save_montage
 from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, canonical_depth, case_id, check_nifti_output, from_slices,
                                   is_volume_path, list_volumes, read_volume, slice_frame, to_slices, write_volume)
 from targan_cli.io.weights import Weights, load_weights
@@ -73,6 +73,7 @@ class SourceChoice:
 
     name: str
     reason: str | None = None  # None: given with --from
+    doubt: str | None = None  # --from names a modality of another kind than the input looks like
 
 
 def infer_source(config: WeightsConfig, volume: Volume, source: str | None, target: str) -> SourceChoice:
@@ -82,10 +83,16 @@ def infer_source(config: WeightsConfig, volume: Volume, source: str | None, targ
     only modality other than ``target``. Otherwise a usage error listing the names. A DICOM
     series of another modality (PT, US...) needs --from.
     """
+    tag = volume.modality
     if source is not None:
         config.modality_index(source)
+        kind = config.intensity(source).kind
+        seen = tag.lower() if tag in ("CT", "MR") else guess_kind(volume.array) if tag is None else None
+        if seen is not None and seen != kind:
+            evidence = f"the DICOM series is {tag}" if tag is not None else f"its values look like {seen.upper()}"
+            return SourceChoice(source, doubt=f"--from {source} is {kind.upper()} in these weights but {evidence}; "
+                                              "check --from (translations of the wrong modality are meaningless)")
         return SourceChoice(source)
-    tag = volume.modality
     if tag is not None and tag not in ("CT", "MR"):
         raise UsageError(f"the DICOM series is {tag}, not CT or MR: pass --from with the modality "
                          f"to treat it as, one of {_modalities(config)}", volume.source)
@@ -257,16 +264,21 @@ def _write(path: Path, translation: _Translation, dicom: DicomSeries | None, sou
 
 def _preview(path: Path, translation: _Translation, source: str, target: str, config: WeightsConfig,
              overwrite: bool) -> Path:
-    """Input beside output for the preview slices; CT columns in the CT window."""
+    """Input beside output for the preview slices, each in its modality's one window (CT: the HU
+    window; MR: 0 to the weights' reference level), as the caption says; an MR modality without a
+    reference level is windowed per image."""
 
     def window(name: str) -> tuple[float, float] | None:
         settings = config.intensity(name)
-        return settings.window if settings.kind == "ct" else None
+        return None if settings.kind == "mr" and settings.reference_high is None else modality_window(settings)
 
+    windows = [window(source), window(target)]
+    caption = "; ".join(describe_window(name, config.intensity(name)) if shown is not None else f"{name}: per image"
+                        for name, shown in zip((source, target), windows))
     rows = [[image, output] for image, output in zip(translation.input_preview, translation.output_preview)]
     return save_montage(path, rows, [f"slice {i + 1}/{translation.depth}" for i in translation.shown],
                         [f"input ({source})", f"output ({target})"], overwrite,
-                        column_windows=[window(source), window(target)])
+                        column_windows=windows, caption=f"Windows: {caption}")
 
 
 def translate(

@@ -126,12 +126,20 @@ def convert(
 @app.command()
 @handles_errors
 def info(
-    weights: Annotated[str, typer.Argument(help="Weights folder, model.safetensors, or Hub repo id.")],
+    weights: Annotated[str, typer.Argument(
+        help="Weights folder, model.safetensors, or Hub repo id; or a volume (NIfTI file, DICOM folder).")],
     revision: RevisionOpt = None,
 ) -> None:
-    """Show a weights folder's config: modalities, preset, sizes, parameter count, provenance."""
+    """Show a weights folder's config: modalities, preset, sizes, parameter count, provenance; or, for a
+    volume (NIfTI file, DICOM folder), how it was made when targan made it."""
     from targan_cli.console import console, key_value_table
-    from targan_cli.workflows.convert import describe_weights
+    from targan_cli.workflows.convert import describe_volume, describe_weights
+
+    volume = describe_volume(weights)
+    if volume is not None:
+        title, rows = volume
+        console.print(key_value_table(title, rows) if rows else f"{title}: no provenance", highlight=False)
+        return
 
     console.print(key_value_table(f"Weights {weights}", describe_weights(weights, revision)))
 
@@ -164,19 +172,27 @@ def translate(
     series: Annotated[Optional[str], typer.Option(
         "--series", help="The SeriesInstanceUID (or a unique prefix) of the series to translate, when the "
                          "DICOM input holds several.")] = None,
+    qc: Annotated[Optional[bool], typer.Option(
+        "--qc/--no-qc", help="Quality control: translate back and score the cycle (one extra pass). Default: "
+                             "on for a single volume, off for a folder.")] = None,
 ) -> None:
     """Translate whole volumes into another modality; the output keeps the input's geometry."""
     from rich.markup import escape
 
-    from targan_cli.console import console, progress_bar, strong
+    from targan_cli.console import console, print_warning, progress_bar, strong, translate_table
     from targan_cli.workflows.translate import translate as translate_volumes
+
+    def announce(plan) -> None:
+        console.print(f"Weights {escape(plan.weights)} (revision {escape(plan.revision)}), preset {escape(plan.preset)} "
+                      f"{plan.image_size}x{plan.image_size}: {escape(plan.source)} -> {escape(plan.target)} on "
+                      f"{plan.device} ({plan.precision}), QC {'on' if plan.qc else 'off'}", highlight=False)
 
     with progress_bar("Translating", total=None, unit="slices") as advance:
         result = translate_volumes(
             input, output, to=to, source=source, weights=weights, revision=revision, device=device,
             precision=precision, batch_size=batch_size, preview=preview, num_parts=num_parts,
-            part_id=part_id, overwrite=overwrite, output_format=output_format, series=series, progress=advance,
-            total_callback=lambda total: advance(0, total=total))
+            part_id=part_id, overwrite=overwrite, output_format=output_format, series=series, qc=qc,
+            announce=announce, progress=advance, total_callback=lambda total: advance(0, total=total))
     for note in result.notes:
         console.print(escape(note), highlight=False)
     if not result.outputs:
@@ -191,6 +207,12 @@ def translate(
                       highlight=False)
     if result.preview is not None:
         console.print(f"Preview {strong(result.preview)}")
+    console.print(translate_table(result.volumes))
+    for report in result.volumes:
+        for line in report.warnings:
+            print_warning(f"{report.output}: {line}")
+        if report.quality is not None and report.quality.grade.grade != "ok":
+            print_warning(f"{report.output}: QC {report.quality.grade.grade}: {'; '.join(report.quality.grade.reasons)}")
 
 
 @app.command()

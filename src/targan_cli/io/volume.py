@@ -215,13 +215,15 @@ def _reason(error: BaseException) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_volume(path: str | Path, volume: Volume, *, label: bool = False, overwrite: bool = False) -> Path:
+def write_volume(path: str | Path, volume: Volume, *, label: bool = False, overwrite: bool = False,
+                 descrip: str | None = None, intent_name: str | None = None) -> Path:
     """Write a volume as NIfTI in its source's geometry: the source header's qform, sform, codes,
     units and NIfTI version when the volume's affine is still the header's; else the affine as
     scanner coordinates (qform and sform code 1).
 
     The on-disk type is uint8 for labels, int16 when every value is an integer that fits
-    (e.g. rounded HU), float32 otherwise. Nothing is rounded here.
+    (e.g. rounded HU), float32 otherwise. Nothing is rounded here. ``descrip`` and ``intent_name``
+    replace the header's (a synthetic volume says so there).
     """
     path = check_nifti_output(path)
     array = _output_array(volume.array, label)
@@ -245,6 +247,10 @@ def write_volume(path: str | Path, volume: Volume, *, label: bool = False, overw
     image.header.set_data_dtype(array.dtype)
     image.header.set_slope_inter(np.nan, np.nan)
     image.header["cal_min"] = image.header["cal_max"] = 0
+    if descrip is not None:
+        image.header["descrip"] = descrip.encode("ascii", "replace")[:80]
+    if intent_name is not None:
+        image.header["intent_name"] = intent_name.encode("ascii", "replace")[:16]
     with atomic_output(path, overwrite=overwrite) as temporary:
         nib.save(image, temporary)
     return path

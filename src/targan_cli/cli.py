@@ -153,8 +153,9 @@ def translate(
     output: Annotated[Path, typer.Option(
         "--output", "-o", help="The output NIfTI file (.nii.gz) or DICOM series folder, or a folder for a folder input.")],
     source: Annotated[Optional[str], typer.Option(
-        "--from", help="The input's modality. Default: from the DICOM Modality tag, or the weights' "
-                       "only modality other than --to.")] = None,
+        "--from", help="The input's modality, or auto (the default): the modality check of the weights' "
+                       "discriminator when they have one, else the DICOM Modality tag, or the weights' only "
+                       "modality other than --to.")] = None,
     weights: WeightsOpt = None,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -185,7 +186,9 @@ def translate(
     def announce(plan) -> None:
         console.print(f"Weights {escape(plan.weights)} (revision {escape(plan.revision)}), preset {escape(plan.preset)} "
                       f"{plan.image_size}x{plan.image_size}: {escape(plan.source)} -> {escape(plan.target)} on "
-                      f"{plan.device} ({plan.precision}), QC {'on' if plan.qc else 'off'}", highlight=False)
+                      f"{plan.device} ({plan.precision}), QC {'on' if plan.qc else 'off'}"
+                      f"{'' if plan.modality_check or not plan.qc else ' (modality check unavailable)'}",
+                      highlight=False)
 
     with progress_bar("Translating", total=None, unit="slices") as advance:
         result = translate_volumes(

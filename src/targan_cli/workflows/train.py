@@ -585,7 +585,8 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                           "train_config": train_config.to_dict()}
             save_weights(out / EXPORT, trainer.model.ema_generator,
-                         dataclasses.replace(weights_config, provenance=provenance), overwrite=True)
+                         dataclasses.replace(weights_config, provenance=provenance), overwrite=True,
+                         discriminator=trainer.model.disc_x)
         if main and periodic:
             with atomic_output(out / CHECKPOINTS / f"step_{step:07d}.pt", overwrite=True) as temporary:
                 shutil.copyfile(last_checkpoint, temporary)

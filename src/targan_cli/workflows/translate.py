@@ -25,10 +25,10 @@ import torch
 from targan_cli import __version__
 from targan_cli.config import WeightsConfig
 from targan_cli.core.device import check_precision, pick_device
-from targan_cli.core.inference import generator_device, translate_slices
+from targan_cli.core.inference import classify_slices, generator_device, translate_slices
 from targan_cli.core.intensity import body_mask, denormalize, guess_kind, normalize, robust_high
 from targan_cli.core.qc import (CLIP_WARNING_FRACTION, Grade, ModalityVote, clipped_fraction, cycle_errors, grade,
-                                units)
+                                modality_vote, scored_slices, units)
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import check_writable
 from targan_cli.io.dicom import DicomSeries, check_series_folder, dicom_series_folders, read_dicom, write_dicom
@@ -180,12 +180,14 @@ class SourceChoice:
     reason: str | None = None  # None: given with --from
 
 
-def infer_source(config: WeightsConfig, volume: Volume, source: str | None, target: str) -> SourceChoice:
+def infer_source(config: WeightsConfig, volume: Volume, source: str | None, target: str,
+                 predict: Callable[[list[str]], SourceChoice | None] | None = None) -> SourceChoice:
     """The input's modality: ``source`` (--from) if given; else the weights' only modality of the
     input's kind (CT or MR: the DICOM Modality tag, or for NIfTI the values: Hounsfield units are
     CT, non-negative values MR), leaving ``target`` out when that decides it; else the weights'
     only modality other than ``target``. Otherwise a usage error listing the names. A DICOM
-    series of another modality (PT, US...) needs --from.
+    series of another modality (PT, US...) needs --from. ``predict(candidates)`` (the modality check),
+    when given, is asked first, with the modalities of the DICOM tag's kind, or all.
     """
     if source is not None:
         config.modality_index(source)
@@ -194,6 +196,11 @@ def infer_source(config: WeightsConfig, volume: Volume, source: str | None, targ
     if tag is not None and tag not in ("CT", "MR"):
         raise UsageError(f"the DICOM series is {tag}, not CT or MR: pass --from with the modality "
                          f"to treat it as, one of {_modalities(config)}", volume.source)
+    if predict is not None:
+        candidates = [m.name for m in config.modalities if tag is None or m.intensity.kind == tag.lower()]
+        predicted = predict(candidates) if candidates else None
+        if predicted is not None:
+            return predicted
     kind = tag.lower() if tag is not None else guess_kind(volume.array)
     where = f"the DICOM series is {tag}" if tag is not None else (
         f"the values look like {kind.upper()}" if kind is not None else "")
@@ -244,6 +251,36 @@ def _input_clipping(slices: np.ndarray, normalized: np.ndarray, body: np.ndarray
     return None
 
 
+def _modality_vote(weights: Weights, normalized: np.ndarray, body: np.ndarray,
+                   batch_size: int) -> ModalityVote | None:
+    """The discriminator's majority modality over the body slices (None: no discriminator)."""
+    if weights.discriminator is None:
+        return None
+    logits = classify_slices(weights.discriminator, normalized, weights.config.model, batch_size=batch_size)
+    return modality_vote(logits, weights.config.modality_names, scored_slices(body))
+
+
+def predict_source(weights: Weights, volume: Volume, candidates: list[str]) -> SourceChoice | None:
+    """``--from auto`` with the modality check: the candidate that the discriminator predicts for the
+    largest share of the body slices when the volume is normalized as that candidate (a majority
+    is needed); None without a discriminator or a majority."""
+    if weights.discriminator is None:
+        return None
+    slices = to_slices(volume)[0]
+    best: tuple[float, str] | None = None
+    for name in candidates:
+        try:
+            normalized = normalize(slices, weights.config.intensity(name))
+        except TarganError:  # e.g. no positive values for an MR scaling
+            continue
+        vote = _modality_vote(weights, normalized, body_mask(normalized), 16)
+        if vote is not None and (best is None or vote.shares[name] > best[0]):
+            best = (vote.shares[name], name)
+    if best is None or best[0] <= 0.5:
+        return None
+    return SourceChoice(best[1], f"the modality check predicts {best[1]} on {best[0]:.0%} of the body slices")
+
+
 def synthesize(volume: Volume, weights: Weights, source: str, target: str, *, batch_size: int,
                dtype: torch.dtype | None, progress: Callable[[int], None] | None = None,
                qc: bool = False) -> Translation:
@@ -263,6 +300,7 @@ def synthesize(volume: Volume, weights: Weights, source: str, target: str, *, ba
     body = body_mask(normalized)  # (Z, H, W) bool
     input_clipped = _input_clipping(slices, normalized, body, source_settings)
     source_normalized = normalized.copy() if qc else None
+    vote = _modality_vote(weights, normalized, body, batch_size) if qc else None
     # Only one volume-sized float array lives while the generator runs (without QC): the slices are
     # dropped and the output overwrites the normalized input batch by batch.
     del slices
@@ -279,8 +317,8 @@ def synthesize(volume: Volume, weights: Weights, source: str, target: str, *, ba
         per_slice, volume_error = cycle_errors(source_normalized, normalized, body)
         body_fraction = float(body.mean())
         unit = "HU" if source_settings.kind == "ct" else "MR units" if span is not None else ""
-        quality = Quality(grade(per_slice, volume_error, body_fraction), volume_error, per_slice, span, unit,
-                          body_fraction)
+        quality = Quality(grade(per_slice, volume_error, body_fraction, vote, source), volume_error, per_slice,
+                          span, unit, body_fraction, vote)
         del source_normalized
     del normalized
     if target_settings.kind == "ct":
@@ -590,7 +628,7 @@ def translate(
     if announce is not None and todo:
         announce(RunPlan(weights_label(loaded), _revision(loaded), loaded.config.preset or "custom",
                          loaded.config.model.image_size, source or "auto", to, str(torch_device), precision, qc,
-                         False))
+                         loaded.discriminator is not None))
     # One volume is read first (a DICOM series' depth is known only once read); a folder's
     # depths come from the NIfTI headers, so that the progress total is known up front.
     first = _read(inputs[0], series) if len(inputs) == 1 and todo else None
@@ -612,7 +650,8 @@ def translate(
         volume, dicom = first if first is not None else _read(path, series)
         if dicom is not None and dicom.skipped_note is not None:
             notes.append(f"{path}: {dicom.skipped_note}")
-        choice = infer_source(loaded.config, volume, source, to)
+        choice = infer_source(loaded.config, volume, source, to,
+                              lambda candidates: predict_source(loaded, volume, candidates))
         sources.append(choice)
         translation = synthesize(volume, loaded, choice.name, to, batch_size=batch_size, dtype=dtype,
                                  progress=progress, qc=qc)

@@ -107,7 +107,8 @@ def test_translate_says_which_weights_before_work_and_info_shows_provenance(tmp_
                      "-w", str(weights))
     assert result.exit_code == 0, result.output
     first = result.output.splitlines()[0]
-    assert first == f"Weights {weights} (revision local folder), preset tiny 32x32: ct -> t2w on cpu (fp32), QC on"
+    assert first == (f"Weights {weights} (revision local folder), preset tiny 32x32: ct -> t2w on cpu (fp32), QC on "
+                     "(modality check unavailable)")
     assert re.search(r"t2w\.nii\.gz\s+│\s+written\s+│\s+ct\s+│\s+(ok|check|poor)\s+│", result.output)
     shown = _one_line(_invoke("info", str(tmp_path / "t2w.nii.gz")).output)
     assert "Synthetic volume" in shown and "SourceSHA256" in shown and _sha256(source)[:20] in shown

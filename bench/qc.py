@@ -5,8 +5,8 @@ test volume (each test patient in every modality) clean and as each failure kind
 ``data.phantom.QC_FAILURES``, and counts the QC grades (core/qc.py). A failure is detected when
 its grade is check or poor; a clean volume graded check or poor is a false alarm.
 
-    python bench/qc.py --out /tmp/qc-bench            # about 2 minutes on 2 CPU cores
-    python bench/qc.py --out /tmp/qc-bench --weights RUN/export
+    python bench/qc.py --out /tmp/qc-bench            # training: minutes to 20 minutes on 2 CPU cores
+    python bench/qc.py --out /tmp/qc-bench --weights RUN/export   # grading alone: about 2 minutes
 
 The table it prints is the one in docs/translate.md ("Can I trust this output?").
 """

@@ -78,7 +78,12 @@ def write_with_sidecar(path: str | Path, write: Callable[[Path], None], record: 
     sidecar (``record`` plus the output's SHA-256) is renamed into place, then the output."""
     path = Path(path)
     with atomic_output(path, overwrite=overwrite, is_dir=is_dir) as temporary:
-        write(temporary)
+        try:
+            write(temporary)
+        except TarganError as error:  # a writer's error names the output, not its temporary name
+            if error.path is None or Path(error.path) != temporary:
+                raise
+            raise TarganError(error.message, path, error.exit_code) from None
         text = json.dumps({**record, OUTPUT_SHA256: sha256_file(temporary)}, indent=2) + "\n"
         with atomic_output(sidecar_path(path), overwrite=True) as sidecar:
             sidecar.write_text(text, encoding="utf-8")

@@ -246,3 +246,28 @@ def test_enrich_resumes_by_the_same_sidecars(tmp_path: Path, weights: Path) -> N
     again = enrich(images, tmp_path / "raw", source="ct", weights=weights, targets=["t1w"], device="cpu")
     assert again.written == ("a",) and again.skipped == ("b",)
     assert json.loads(sidecar_path(channel).read_text())["OutputSHA256"] == _sha256(channel)
+
+
+def test_the_sidecar_is_in_place_before_its_volume(tmp_path: Path, weights: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between the two renames: the sidecar exists, the volume does not (never the reverse),
+    and the next folder run redoes that case."""
+    import os
+
+    cases = _cases(tmp_path / "cases", ("a",))
+    out = tmp_path / "out"
+    real_replace = os.replace
+
+    def killed_before_the_volume(source, target) -> None:
+        if Path(target).name == "a.nii.gz":
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_volume)
+    with pytest.raises(KeyboardInterrupt):
+        translate(cases, out, to="t2w", source="ct", weights=weights, device="cpu")
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["a.json"]
+    resumed = translate(cases, out, to="t2w", source="ct", weights=weights, device="cpu")
+    assert [r.status for r in resumed.volumes] == ["written"]
+    assert json.loads((out / "a.json").read_text())["OutputSHA256"] == _sha256(out / "a.nii.gz")

@@ -138,8 +138,8 @@ def test_a_wrong_from_is_named_with_the_predicted_modality(qc_weights: Weights, 
 
 def test_from_auto_takes_the_modality_the_check_predicts(qc_weights: Weights, phantoms: dict[str, Path],
                                                          tmp_path: Path) -> None:
-    for contrast in ("t1w", "t2w"):  # NIfTI files of MR: the values alone cannot tell which
-        result = translate(phantoms[contrast], tmp_path / f"{contrast}.nii.gz", to="ct", source="auto",
+    for contrast in ("t1w", "t2w", "ct"):  # NIfTI files: the values alone cannot tell T1w from T2w
+        result = translate(phantoms[contrast], tmp_path / f"{contrast}.nii.gz", to=TARGET[contrast], source="auto",
                            weights=QC_WEIGHTS, device="cpu")
         assert result.sources[0].name == contrast
         assert result.sources[0].reason.startswith(f"the modality check predicts {contrast} on")

@@ -27,7 +27,8 @@ from targan_cli.config import WeightsConfig
 from targan_cli.core.device import check_precision, pick_device
 from targan_cli.core.inference import classify_slices, generator_device, translate_slices
 from targan_cli.core.intensity import body_mask, denormalize, guess_kind, normalize, robust_high
-from targan_cli.core.qc import (CLIP_WARNING_FRACTION, Grade, ModalityVote, clipped_fraction, cycle_errors, grade,
+from targan_cli.core.qc import (CLIP_WARNING_FRACTION, CYCLE_CHECK, CYCLE_POOR, FLAGGED_SHARE_CHECK,
+                                MIN_BODY_FRACTION, Grade, ModalityVote, clipped_fraction, cycle_errors, grade,
                                 modality_vote, scored_slices, units)
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import check_writable
@@ -75,7 +76,8 @@ class Quality:
             "ModalityCheck": ("unavailable" if self.vote is None else
                               {"Predicted": self.vote.predicted, "Share": round(self.vote.share, 4),
                                "Shares": {k: round(v, 4) for k, v in self.vote.shares.items()}}),
-            "Thresholds": "see docs/translate.md, Can I trust this output?",
+            "Thresholds": {"CycleCheck": CYCLE_CHECK, "CyclePoor": CYCLE_POOR,
+                           "FlaggedShareCheck": FLAGGED_SHARE_CHECK, "MinBodyFraction": MIN_BODY_FRACTION},
         }
 
 

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from targan_cli import __version__
 from targan_cli.cli import app
-from targan_cli.core.intensity import body_mask, normalize
 from targan_cli.config import default_modalities
+from targan_cli.core.intensity import body_mask, normalize
 from targan_cli.errors import TarganError
 from targan_cli.io.provenance import output_state, sidecar_path
 from targan_cli.io.volume import read_volume, to_slices

@@ -10,7 +10,6 @@ import pytest
 from typer.testing import CliRunner
 
 from targan_cli.cli import app
-from targan_cli.io.volume import read_volume
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +43,6 @@ def test_every_file_the_report_names_exists(demo):
 
 
 def test_quick_wording_follows_the_options(demo):
-    from targan_cli.workflows.demo import FULL, _report
 
     out, stdout = demo
     report = (out / "report.md").read_text()

@@ -152,7 +152,7 @@ def test_every_slice_keeps_its_sources_geometry_study_and_patient_with_new_uids(
     new_uids = [d.SOPInstanceUID for d in written] + [written[0].SeriesInstanceUID]
     assert len(set(new_uids)) == 6 and all(UID(uid).is_valid for uid in new_uids)
     assert not set(new_uids) & ({*sources, SOURCE_UID, *(d.StudyInstanceUID for d in sources.values())})
-    description = f"synthetic t1w from ct by targan {__version__}, weights {round_trip['weights']}"
+    description = f"synthetic t1w from ct by targan {__version__}, weights {round_trip['weights']} sha256 "
     for dataset in written:
         source = sources[dataset.SourceImageSequence[0].ReferencedSOPInstanceUID]
         assert dataset.SourceImageSequence[0].ReferencedSOPClassUID == CTImageStorage
@@ -164,8 +164,9 @@ def test_every_slice_keeps_its_sources_geometry_study_and_patient_with_new_uids(
         assert dataset.SeriesNumber != source.SeriesNumber
         assert dataset.Modality == "MR" and dataset.SOPClassUID == MRImageStorage
         assert list(dataset.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
-        assert dataset.DerivationDescription == description
-        assert dataset.SeriesDescription == description[:64]
+        assert dataset.DerivationDescription.startswith(description)  # then hashes, QC and the time
+        assert "preset tiny" in dataset.DerivationDescription and ", QC " in dataset.DerivationDescription
+        assert dataset.SeriesDescription == dataset.DerivationDescription[:64]
         assert dataset.BurnedInAnnotation == "NO"
         assert dataset.BitsAllocated == 16 and dataset.file_meta.MediaStorageSOPInstanceUID == dataset.SOPInstanceUID
     assert sorted(int(d.InstanceNumber) for d in written) == [1, 2, 3, 4, 5]
@@ -270,7 +271,7 @@ def test_auto_format_follows_the_input_and_the_output_name(tmp_path: Path, weigh
     result = _invoke("translate", str(nifti), "--from", "ct", "-o", str(tmp_path / "f.nii.gz"), "--series", "1.2",
                      *common)
     assert result.exit_code == 2 and "--series picks a series of a DICOM input" in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "ct", "scan.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.nii.gz", "ct", "scan.nii.gz"]
 
 
 def test_a_folder_of_cases_writes_dicom_for_dicom_cases(tmp_path: Path, weights: Path) -> None:
@@ -280,16 +281,18 @@ def test_a_folder_of_cases_writes_dicom_for_dicom_cases(tmp_path: Path, weights:
     result = _invoke("translate", str(cases), "--from", "ct", "--to", "t1w", "-o", str(tmp_path / "auto"),
                      "-w", str(weights))
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "auto").iterdir()) == ["a.nii.gz", "b_series"]
+    assert sorted(p.name for p in (tmp_path / "auto").iterdir()) == ["a.json", "a.nii.gz", "b_series",
+                                                                      "b_series.json"]
     assert len(_datasets(tmp_path / "auto" / "b_series")) == 5
     result = _invoke("translate", str(cases), "--from", "ct", "--to", "t1w", "-o", str(tmp_path / "dicom"),
                      "--format", "dicom", "-w", str(weights))
     assert result.exit_code == 0, result.output
-    assert {p.name: len(list(p.iterdir())) for p in (tmp_path / "dicom").iterdir()} == {"a": 4, "b_series": 5}
+    assert {p.name: len(list(p.iterdir())) for p in (tmp_path / "dicom").iterdir() if p.is_dir()} == {
+        "a": 4, "b_series": 5}
     result = _invoke("translate", str(cases), "--from", "ct", "--to", "t1w", "-o", str(tmp_path / "nifti"),
                      "--format", "nifti", "-w", str(weights))
     assert result.exit_code == 0 and sorted(p.name for p in (tmp_path / "nifti").iterdir()) == [
-        "a.nii.gz", "b_series.nii.gz"]
+        "a.json", "a.nii.gz", "b_series.json", "b_series.nii.gz"]
 
 
 def test_series_option_picks_one_series_and_skipped_files_are_reported(tmp_path: Path, weights: Path) -> None:

@@ -248,7 +248,8 @@ def test_plain_folder_labels_are_optional_and_unlabelled_cases_go_to_imagesTs(tm
     result = enrich(images, tmp_path / "raw", source="ct", weights=weights, targets=["t1w"], device="cpu",
                     labels=labels)
     assert (result.training, result.test) == (1, 1)
-    assert sorted(p.name for p in (result.folder / "imagesTs").iterdir()) == ["b_0000.nii.gz", "b_0001.nii.gz"]
+    assert sorted(p.name for p in (result.folder / "imagesTs").iterdir()) == ["b_0000.nii.gz", "b_0001.json",
+                                                                            "b_0001.nii.gz"]
     assert sorted(p.name for p in (result.folder / "labelsTr").iterdir()) == ["a.nii.gz"]
 
     no_labels = enrich(images, tmp_path / "raw", source="ct", single_channel=True, dataset_id=502)

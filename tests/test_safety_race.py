@@ -38,7 +38,7 @@ def test_two_translations_to_one_output_started_together_one_wins(tmp_path: Path
                                            "already exists")), line
     assert "Wrote" in winners[0].stdout
     assert nib.load(output).shape == nib.load(sources[0]).shape  # complete
-    assert sorted(p.name for p in output.parent.iterdir()) == ["same.nii.gz"]  # no temporary, no lock
+    assert sorted(p.name for p in output.parent.iterdir()) == ["same.json", "same.nii.gz"]  # its sidecar; no temporary, no lock
 
 
 def test_a_file_that_appears_meanwhile_is_kept_without_overwrite(tmp_path: Path) -> None:

@@ -42,12 +42,13 @@ JsonOpt = Annotated[Optional[Path], typer.Option(
 STDOUT = Path("-")
 
 
-def _check_json(path: Path | None, overwrite: bool) -> None:
-    """Refuse, before any work, a --json file that may not be written."""
+def _check_json(path: Path | None, overwrite: bool, inputs: list[str | Path] = ()) -> None:
+    """Refuse, before any work, a --json file that may not be written (over an input, over a file
+    of another kind)."""
     if path is not None and path != STDOUT:
-        from targan_cli.io.atomic import check_writable
+        from targan_cli.io.atomic import check_writable, local_paths
 
-        check_writable(path, overwrite)
+        check_writable(path, overwrite, inputs=local_paths(*inputs), kind="json")
 
 
 def _write_json(data: object, path: Path | None, overwrite: bool) -> None:
@@ -62,7 +63,7 @@ def _write_json(data: object, path: Path | None, overwrite: bool) -> None:
     if path == STDOUT:
         console.out(text, end="", highlight=False)
     elif path is not None:
-        with atomic_output(path, overwrite=overwrite) as temporary:
+        with atomic_output(path, overwrite=overwrite, kind="json") as temporary:
             temporary.write_text(text, encoding="utf-8")
         console.print(f"Wrote {strong(path)}")
 
@@ -160,16 +161,25 @@ def convert(
 @app.command()
 @handles_errors
 def info(
-    weights: Annotated[str, typer.Argument(help="Weights folder, model.safetensors, or Hub repo id.")],
+    weights: Annotated[str, typer.Argument(
+        help="Weights folder, model.safetensors, or Hub repo id; or a volume (NIfTI file, DICOM folder).")],
     revision: RevisionOpt = None,
     json_out: JsonOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Show a weights folder's config: modalities, preset, sizes, parameter count, provenance."""
-    from targan_cli.console import key_value_table, print_table
-    from targan_cli.workflows.convert import describe_weights
+    """Show a weights folder's config: modalities, preset, sizes, parameter count, provenance; or, for a
+    volume (NIfTI file, DICOM folder), how it was made when targan made it."""
+    from targan_cli.console import console, key_value_table, print_table
+    from targan_cli.workflows.convert import describe_volume, describe_weights
 
-    _check_json(json_out, overwrite)
+    _check_json(json_out, overwrite, inputs=[weights])
+    volume = describe_volume(weights)
+    if volume is not None:
+        title, rows = volume
+        if json_out != STDOUT:
+            console.print(key_value_table(title, rows) if rows else f"{title}: no provenance", highlight=False)
+        _write_json(rows, json_out, overwrite)
+        return
     rows = describe_weights(weights, revision)
     if json_out != STDOUT:
         print_table(key_value_table(f"Weights {weights}", rows))
@@ -185,8 +195,9 @@ def translate(
     output: Annotated[Path, typer.Option(
         "--output", "-o", readable=False, help="The output NIfTI file (.nii.gz) or DICOM series folder, or a folder for a folder input.")],
     source: Annotated[Optional[str], typer.Option(
-        "--from", help="The input's modality. Default: from the DICOM Modality tag, or the weights' "
-                       "only modality other than --to.")] = None,
+        "--from", help="The input's modality, or auto (the default): the modality check of the weights' "
+                       "discriminator when they have one, else the DICOM Modality tag, or the weights' only "
+                       "modality other than --to.")] = None,
     weights: WeightsOpt = None,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -204,19 +215,29 @@ def translate(
     series: Annotated[Optional[str], typer.Option(
         "--series", help="The SeriesInstanceUID (or a unique prefix) of the series to translate, when the "
                          "DICOM input holds several.")] = None,
+    qc: Annotated[Optional[bool], typer.Option(
+        "--qc/--no-qc", help="Quality control: translate back and score the cycle (one extra pass). Default: "
+                             "on for a single volume, off for a folder.")] = None,
 ) -> None:
     """Translate whole volumes into another modality; the output keeps the input's geometry."""
     from rich.markup import escape
 
-    from targan_cli.console import console, counted, print_warning, progress_bar, strong
+    from targan_cli.console import console, counted, print_warning, progress_bar, strong, translate_table
     from targan_cli.workflows.translate import translate as translate_volumes
+
+    def announce(plan) -> None:
+        console.print(f"Weights {escape(plan.weights)} (revision {escape(plan.revision)}), preset {escape(plan.preset)} "
+                      f"{plan.image_size}x{plan.image_size}: {escape(plan.source)} -> {escape(plan.target)} on "
+                      f"{plan.device} ({plan.precision}), QC {'on' if plan.qc else 'off'}"
+                      f"{'' if plan.modality_check or not plan.qc else ' (modality check unavailable)'}",
+                      highlight=False)
 
     with progress_bar("Translating", total=None, unit="slices") as advance:
         result = translate_volumes(
             input, output, to=to, source=source, weights=weights, revision=revision, device=device,
             precision=precision, batch_size=batch_size, preview=preview, num_parts=num_parts,
-            part_id=part_id, overwrite=overwrite, output_format=output_format, series=series, progress=advance,
-            total_callback=lambda total: advance(0, total=total))
+            part_id=part_id, overwrite=overwrite, output_format=output_format, series=series, qc=qc,
+            announce=announce, progress=advance, total_callback=lambda total: advance(0, total=total))
     for note in result.notes:
         console.print(escape(note), highlight=False)
     if not result.outputs:
@@ -233,6 +254,12 @@ def translate(
                       highlight=False)
     if result.preview is not None:
         console.print(f"Preview {strong(result.preview)}")
+    console.print(translate_table(result.volumes))
+    for report in result.volumes:
+        for line in report.warnings:
+            print_warning(f"{report.output}: {line}")
+        if report.quality is not None and report.quality.grade.grade != "ok":
+            print_warning(f"{report.output}: QC {report.quality.grade.grade}: {'; '.join(report.quality.grade.reasons)}")
 
 
 @app.command()

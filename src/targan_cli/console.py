@@ -198,3 +198,24 @@ def evaluation_table(result: Any, max_columns: int = 6) -> Table:
                                        else escape(row[index]) for model, row in enumerate(cells)],
                       counts[index])
     return table
+
+
+def translate_table(volumes: Sequence[Any]) -> Table:
+    """One row per output of a translate run (``workflows.translate.VolumeReport``): what was done,
+    the source, the QC grade (ok / check / poor, "-" without QC) and the cycle score."""
+    table = Table(title="Outputs", title_justify="left")
+    for column, justify in (("output", "left"), ("done", "left"), ("from", "left"), ("QC", "left"),
+                            ("cycle score", "right"), ("flagged slices", "right")):
+        table.add_column(column, justify=justify)
+    colours = {"ok": "green", "check": "yellow", "poor": "bold red"}
+    for report in volumes:
+        quality = report.quality
+        grade = quality.grade.grade if quality is not None else "-"
+        score = format_value(quality.cycle_volume, 3) if quality is not None else "-"
+        if quality is not None and quality.span is not None and not math.isnan(quality.cycle_volume):
+            score += f" ({quality.cycle_volume * quality.span:.1f} {quality.unit})"
+        flagged = str(len(quality.grade.flagged)) if quality is not None else "-"
+        done = report.status + (f" ({report.note})" if report.note else "")
+        table.add_row(escape(report.output.name), escape(done), escape(report.source.name),
+                      f"[{colours[grade]}]{grade}[/]" if grade in colours else grade, score, flagged)
+    return table

@@ -14,8 +14,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from targan_cli.config import ModelConfig
 from targan_cli.core.device import autocast, memory_format
-from targan_cli.core.networks import Generator
+from targan_cli.core.networks import Discriminator, Generator
 from targan_cli.core.slicing import from_model, plane_fit, to_model
 
 # The background of [-1, 1] images: padding to a square adds "air", not mid-grey.
@@ -103,3 +104,21 @@ def translate_slices(
         while queued:
             collect()
     return out
+
+
+def classify_slices(discriminator: Discriminator, slices: np.ndarray, config: ModelConfig, *,
+                    batch_size: int = 16) -> np.ndarray:
+    """Normalized slices (Z, H, W) in [-1, 1] -> (Z, n) logits of the discriminator's "real, of
+    modality s" classes (the first n of its 2n), fitted to the model size as the generator's input."""
+    num_modalities = config.num_modalities
+    if slices.ndim != 3:
+        raise ValueError(f"expected slices (Z, H, W), got shape {slices.shape}")
+    device = next(discriminator.parameters()).device
+    fit = plane_fit(slices.shape[1], slices.shape[2], config.image_size)
+    logits = np.empty((slices.shape[0], num_modalities), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, slices.shape[0], batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size], dtype=np.float32))
+            images = to_model(batch.to(device).unsqueeze(1), fit, fill=BACKGROUND)  # (N, 1, S, S)
+            logits[start:start + len(batch)] = discriminator(images).cls[:, :num_modalities].float().cpu().numpy()
+    return logits

@@ -495,6 +495,47 @@ def render(tissues: np.ndarray, grid: Grid, scanner: Scanner, rng: np.random.Gen
     return np.rint(np.hypot(real, imaginary)).astype(np.int16)  # Rician magnitude
 
 
+# ----------------------------------------------------------------------------- QC failure cases
+
+# The inputs translate's quality control must flag (core/qc.py; bench/qc.py measures how often it
+# does): a wrong --from, an intensity-inverted image, heavy noise, a non-abdominal body part, a
+# volume without a body.
+QC_FAILURES = ("wrong_from", "inverted", "noise", "non_abdominal", "empty")
+# The --from a wrong_from case claims for each true modality.
+WRONG_SOURCE = {"t1w": "t2w", "t2w": "t1w", "ct": "t1w"}
+# A head (skull, brain, ventricles) in each contrast, for the non-abdominal case.
+_HEAD = {"ct": (-1000.0, 1100.0, 35.0, 8.0), "t1w": (0.0, 60.0, 520.0, 150.0), "t2w": (0.0, 50.0, 380.0, 1400.0)}
+
+
+def qc_failure(kind: str, image: np.ndarray, contrast: str, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """A failure case made from a clean phantom ``image`` (X, Y, Z) of ``contrast``: the stored
+    values to translate and the --from to claim. The array keeps the shape (and so the grid)."""
+    values = image.astype(np.float64)
+    is_ct = contrast == "ct"
+    if kind == "wrong_from":
+        return image.copy(), WRONG_SOURCE[contrast]
+    if kind == "inverted":
+        changed = values.max() + values.min() - values
+    elif kind == "noise":  # a third of the body's intensity range, far above any scanner's
+        spread = 400.0 if is_ct else float(np.percentile(values, 99.5))
+        changed = values + rng.normal(0.0, spread / 3, size=values.shape)
+    elif kind == "non_abdominal":
+        air, skull, brain, fluid = _HEAD[contrast]
+        x, y = np.meshgrid(*(np.linspace(-1, 1, n) for n in image.shape[:2]), indexing="ij")
+        radius = np.sqrt((x / 0.75) ** 2 + (y / 0.6) ** 2)[..., None] * np.ones(image.shape[2])
+        ventricle = (np.abs(x) < 0.12)[..., None] & (np.abs(y) < 0.3)[..., None]
+        changed = np.where(radius < 0.85, np.where(ventricle, fluid, brain), np.where(radius < 1.0, skull, air))
+        changed = changed + rng.normal(0.0, 10.0 if is_ct else 15.0, size=image.shape)
+    elif kind == "empty":  # air and scanner noise only
+        changed = -1000.0 + rng.normal(0.0, 10.0, size=image.shape) if is_ct else np.abs(
+            rng.normal(0.0, 15.0, size=image.shape))
+    else:
+        raise ValueError(f"unknown QC failure {kind!r}; one of {', '.join(QC_FAILURES)}")
+    if not is_ct:
+        changed = np.abs(changed)  # MR magnitudes stay positive
+    return np.rint(np.clip(changed, -1024, 32767)).astype(np.int16), contrast
+
+
 # ----------------------------------------------------------------------------- dataset
 
 

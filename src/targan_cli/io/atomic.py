@@ -134,9 +134,12 @@ KINDS = {
 
 
 def _check_kind(path: Path, kind: str) -> None:
+    """Refuse to replace ``path`` unless it is a file of ``kind`` or empty (an empty file holds
+    nothing to lose, like an empty folder; a writer's own temporary starts empty)."""
     suffixes, looks_right = KINDS[kind]
     try:
-        right = path.name.lower().endswith(suffixes) and looks_right(_first_bytes(path, 4096))
+        right = path.stat().st_size == 0 or (path.name.lower().endswith(suffixes)
+                                             and looks_right(_first_bytes(path, 4096)))
     except OSError as error:
         raise TarganError(f"cannot read: {error.strerror or error}", path) from None
     if not right:

@@ -561,7 +561,7 @@ def _slice_name(index: int) -> str:
     return f"IM{index + 1:05d}.dcm"
 
 
-def _written_here(folder: Path) -> bool:
+def is_targan_series(folder: Path) -> bool:
     """Whether ``folder`` holds only a series ``write_dicom`` wrote: slice files by its names, each
     one made by targan (its Manufacturer). A DICOM folder carries no marker file, which PACS tools
     would take for a broken instance, so this is how --overwrite knows it."""
@@ -582,7 +582,7 @@ def check_series_folder(folder: str | Path, overwrite: bool, inputs: Sequence[st
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise TarganError("exists and is not a folder; a DICOM series is written as a folder", folder)
-    folder = check_writable(folder, overwrite, inputs, is_dir=True, kind=SERIES_KIND, ours=_written_here)
+    folder = check_writable(folder, overwrite, inputs, is_dir=True, kind=SERIES_KIND, ours=is_targan_series)
     return folder
 
 
@@ -604,6 +604,19 @@ def write_dicom(folder: str | Path, volume: Volume, *, source: DicomSeries | Non
     folder = check_series_folder(folder, overwrite)
     if modality not in _SOP_CLASSES:
         raise ValueError(f"a derived series is CT or MR, not {modality!r}")
+    with atomic_output(folder, overwrite=overwrite, is_dir=True, kind=SERIES_KIND, ours=is_targan_series) as temporary:
+        save_dicom(temporary, volume, source=source, modality=modality, description=description, window=window,
+                   software=software)
+    return folder
+
+
+@_quiet()
+def save_dicom(temporary: Path, volume: Volume, *, source: DicomSeries | None, modality: str,
+               description: str, window: tuple[float, float] | None = None, software: str = "") -> None:
+    """``write_dicom``'s slice files, saved straight into the existing, empty folder ``temporary``:
+    the name an atomic writer of several outputs (io.provenance.write_with_sidecar) gave it."""
+    if modality not in _SOP_CLASSES:
+        raise ValueError(f"a derived series is CT or MR, not {modality!r}")
     if source is not None:
         array = volume.array
         geometry = _copied_geometry(source, volume.shape)
@@ -615,12 +628,10 @@ def write_dicom(folder: str | Path, volume: Volume, *, source: DicomSeries | Non
     quantised = quantise(array)
     low, high = window if window is not None else (float(array.min()), float(array.max()))
     series = _series_attributes(template, modality, description, software, quantised, (low, high))
-    with atomic_output(folder, overwrite=overwrite, is_dir=True, kind=SERIES_KIND, ours=_written_here) as temporary:
-        for index, slice_geometry in enumerate(geometry):
-            dataset = _slice_dataset(series, slice_geometry, quantised.stored[:, :, index].T, index,
-                                     source.datasets[index] if source is not None else None)
-            dataset.save_as(temporary / _slice_name(index), enforce_file_format=True)
-    return folder
+    for index, slice_geometry in enumerate(geometry):
+        dataset = _slice_dataset(series, slice_geometry, quantised.stored[:, :, index].T, index,
+                                 source.datasets[index] if source is not None else None)
+        dataset.save_as(temporary / _slice_name(index), enforce_file_format=True)
 
 
 def _series_attributes(template: pydicom.Dataset | None, modality: str, description: str, software: str,

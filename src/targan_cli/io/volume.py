@@ -228,15 +228,31 @@ def _reason(error: BaseException) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_volume(path: str | Path, volume: Volume, *, label: bool = False, overwrite: bool = False) -> Path:
+def write_volume(path: str | Path, volume: Volume, *, label: bool = False, overwrite: bool = False,
+                 descrip: str | None = None, intent_name: str | None = None) -> Path:
     """Write a volume as NIfTI in its source's geometry: the source header's qform, sform, codes,
     units and NIfTI version when the volume's affine is still the header's; else the affine as
     scanner coordinates (qform and sform code 1).
 
     The on-disk type is uint8 for labels, int16 when every value is an integer that fits
-    (e.g. rounded HU), float32 otherwise. Nothing is rounded here.
+    (e.g. rounded HU), float32 otherwise. Nothing is rounded here. ``descrip`` and ``intent_name``
+    replace the header's (a synthetic volume says so there).
     """
     path = check_nifti_output(path)
+    image = _nifti_image(volume, label, descrip, intent_name)
+    with atomic_output(path, overwrite=overwrite, kind="volume") as temporary:
+        nib.save(image, temporary)
+    return path
+
+
+def save_volume(temporary: Path, volume: Volume, *, descrip: str | None = None,
+                intent_name: str | None = None) -> None:
+    """``write_volume``'s file, saved straight into ``temporary``: the name an atomic writer of
+    several files (io.provenance.write_with_sidecar) gave it, which moves it into place."""
+    nib.save(_nifti_image(volume, False, descrip, intent_name), temporary)
+
+
+def _nifti_image(volume: Volume, label: bool, descrip: str | None, intent_name: str | None) -> nib.Nifti1Image:
     array = _output_array(volume.array, label)
     source = volume.header
     if source is not None and np.allclose(source.get_best_affine(), volume.affine, rtol=0, atol=1e-9):
@@ -258,9 +274,11 @@ def write_volume(path: str | Path, volume: Volume, *, label: bool = False, overw
     image.header.set_data_dtype(array.dtype)
     image.header.set_slope_inter(np.nan, np.nan)
     image.header["cal_min"] = image.header["cal_max"] = 0
-    with atomic_output(path, overwrite=overwrite, kind="volume") as temporary:
-        nib.save(image, temporary)
-    return path
+    if descrip is not None:
+        image.header["descrip"] = descrip.encode("ascii", "replace")[:80]
+    if intent_name is not None:
+        image.header["intent_name"] = intent_name.encode("ascii", "replace")[:16]
+    return image
 
 
 def _output_array(array: np.ndarray, label: bool) -> np.ndarray:

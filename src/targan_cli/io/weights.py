@@ -1,4 +1,6 @@
-"""Weights folders: ``model.safetensors`` (the EMA generator) and ``config.json``.
+"""Weights folders: ``model.safetensors`` (the EMA generator), ``config.json`` and, from training
+exports, ``discriminator.safetensors`` (D_x, whose classification head is the modality check of
+translate's QC; older folders lack it and the check is then unavailable).
 
 Sources are a local folder, a local ``model.safetensors`` (with ``config.json`` beside it), or a
 Hugging Face Hub repo id ``org/name`` with an optional ``@revision``, downloaded with
@@ -23,11 +25,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from targan_cli.config import WeightsConfig, read_json
-from targan_cli.core.networks import Generator
+from targan_cli.core.networks import Discriminator, Generator
 from targan_cli.errors import TarganError, counted
 from targan_cli.io.atomic import atomic_output
 
 WEIGHTS_FILE = "model.safetensors"
+DISCRIMINATOR_FILE = "discriminator.safetensors"
 CONFIG_FILE = "config.json"
 WEIGHTS_ENV = "TARGAN_WEIGHTS"
 # The Hub repo the tool uses when neither --weights nor TARGAN_WEIGHTS is given (weights/README.md).
@@ -37,34 +40,40 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class Weights:
-    """A loaded weights folder: the generator (eval mode), its config and where it came from."""
+    """A loaded weights folder: the generator (eval mode), its config and where it came from, and the
+    discriminator D_x when the folder has one (its classification head predicts a slice's modality)."""
 
     generator: Generator
     config: WeightsConfig
     folder: Path
+    discriminator: Discriminator | None = None
 
 
 def save_model_folder(folder: str | Path, module: torch.nn.Module, config: dict[str, Any], *,
                       tensors_file: str = WEIGHTS_FILE, overwrite: bool = False, command: str = "save_weights",
-                      kind: str = "weights folder") -> Path:
+                      kind: str = "weights folder", extra: dict[str, torch.nn.Module] | None = None) -> Path:
     """Write ``module``'s tensors (float32, CPU) as safetensors and ``config`` as ``config.json``
-    into ``folder`` atomically (a temporary folder renamed into place). Weights and segmenter
-    folders are both written this way, marked as made by ``command``, a folder of ``kind``
-    (``io.atomic``)."""
-    tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous()
-               for name, tensor in module.state_dict().items()}
+    into ``folder`` atomically (a temporary folder renamed into place), and each module of
+    ``extra`` as its own safetensors file. Weights and segmenter folders are both written this way,
+    marked as made by ``command``, a folder of ``kind`` (``io.atomic``)."""
     with atomic_output(folder, overwrite=overwrite, is_dir=True, kind=kind, command=command) as temporary:
-        save_file(tensors, str(temporary / tensors_file), metadata={"format": "pt"})
+        for name, part in {tensors_file: module, **(extra or {})}.items():
+            tensors = {key: tensor.detach().to("cpu", torch.float32).contiguous()
+                       for key, tensor in part.state_dict().items()}
+            save_file(tensors, str(temporary / name), metadata={"format": "pt"})
         (temporary / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return Path(folder)
 
 
 def save_weights(folder: str | Path, generator: Generator, config: WeightsConfig,
-                 overwrite: bool = False, command: str = "save_weights") -> Path:
-    """Write a weights folder atomically (a temporary folder renamed into place)."""
+                 overwrite: bool = False, command: str = "save_weights",
+                 discriminator: Discriminator | None = None) -> Path:
+    """Write a weights folder atomically (a temporary folder renamed into place); with
+    ``discriminator`` (D_x) its modality classifier too."""
     if generator.config != config.model:
         raise ValueError("the generator was not built from config.model")
-    return save_model_folder(folder, generator, config.to_dict(), overwrite=overwrite, command=command)
+    extra = {DISCRIMINATOR_FILE: discriminator} if discriminator is not None else None
+    return save_model_folder(folder, generator, config.to_dict(), overwrite=overwrite, command=command, extra=extra)
 
 
 def read_weights_config(folder: str | Path) -> WeightsConfig:
@@ -116,7 +125,7 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
     """Fetch config.json and model.safetensors of a Hub repo (from the cache alone when the Hub
     cannot be resolved); returns the snapshot folder and commit."""
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     cache_only = constants.HF_HUB_OFFLINE or not _hub_host_resolves()
     try:
@@ -139,6 +148,10 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
             f"{'@' + revision if revision else ''}: {first_line[:200]}. Check the repo id and "
             "revision, or pass --weights with a local weights folder"
         ) from None
+    try:  # optional: older weights have no discriminator (the modality check is then unavailable)
+        hf_hub_download(repo_id, DISCRIMINATOR_FILE, revision=revision, local_files_only=cache_only)
+    except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError):
+        pass
     snapshot = paths[0].parent
     # The cache lays files out as .../snapshots/<commit hash>/<file>.
     commit = snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else None
@@ -221,7 +234,12 @@ def load_weights(source: str | Path | None = None, revision: str | None = None,
         config = replace(config, provenance={**config.provenance, **provenance})
     generator = Generator(config.model)
     load_tensors_into(generator, folder / WEIGHTS_FILE)
-    return Weights(generator.to(device).eval().requires_grad_(False), config, folder)
+    discriminator = None
+    if (folder / DISCRIMINATOR_FILE).is_file():
+        discriminator = Discriminator(config.model)
+        load_tensors_into(discriminator, folder / DISCRIMINATOR_FILE)
+        discriminator = discriminator.to(device).eval().requires_grad_(False)
+    return Weights(generator.to(device).eval().requires_grad_(False), config, folder, discriminator)
 
 
 def load_generator(source: str | Path | None = None, revision: str | None = None,

@@ -10,6 +10,8 @@ from targan_cli import __version__
 from targan_cli.config import WeightsConfig, official_modalities, preset
 from targan_cli.io.atomic import check_writable
 from targan_cli.io.official import convert_official_state_dict, load_official_state_dict
+from targan_cli.io.provenance import describe_provenance, sidecar_path
+from targan_cli.io.volume import is_volume_path, read_volume
 from targan_cli.io.weights import check_state_dict, load_weights, save_weights
 
 
@@ -71,3 +73,20 @@ def describe_weights(source: str, revision: str | None = None) -> dict[str, str]
     for key, value in config.provenance.items():
         rows[f"provenance.{key}"] = str(value)
     return rows
+
+
+def describe_volume(path: str | Path) -> tuple[str, dict[str, str]] | None:
+    """For a volume (NIfTI file or DICOM folder): a title and the rows of its provenance sidecar
+    (empty: no provenance; a synthetic NIfTI descrip without a sidecar is shown as such). None when
+    ``path`` is not a volume."""
+    path = Path(path)
+    if not is_volume_path(path):
+        return None
+    rows = describe_provenance(path)
+    if rows is not None:
+        return f"Synthetic volume {path} ({sidecar_path(path).name})", rows
+    header = read_volume(path).header
+    descrip = bytes(header["descrip"]).split(b"\0")[0].decode("ascii", "replace") if header is not None else ""
+    if descrip.startswith("synthetic "):
+        return f"Volume {path}", {"descrip": descrip, "sidecar": f"missing ({sidecar_path(path).name} not found)"}
+    return str(path), {}

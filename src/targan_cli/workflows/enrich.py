@@ -12,14 +12,16 @@ nnU-Net v2's raw layout::
         imagesTs/<case>_{channel:04d}.nii.gz  cases without one (and a DATA folder's test split)
 
 Runs resume: a case whose files all exist is skipped (every file is written atomically, so an
-existing file is complete). The settings that shape the files (input modality, channels,
+existing file is complete), provided its synthetic channels are complete by the mechanism of
+`targan translate` folder runs: each has a provenance sidecar (``<case>_XXXX.json``, which
+nnU-Net ignores) recording the same weights and options and the file's SHA-256
+(``io.provenance.output_state``). The settings that shape the files (input modality, channels,
 weights) are recorded in ``.targan_enrich.json`` before the first case, so that a later run
 adds cases only to a dataset made the same way.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -38,10 +40,12 @@ from targan_cli.core.device import check_precision, pick_device
 from targan_cli.data.dataset import IMAGES, SPLITS, open_data_dir
 from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output, check_apart, local_paths, made_by_targan, mark_folder
+from targan_cli.io.provenance import output_state, sha256_file, sidecar_path
 from targan_cli.io.volume import (NIFTI_SUFFIXES, case_id, list_volumes, read_label, read_volume,
                                   write_volume)
 from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights
-from targan_cli.workflows.translate import translate_volume
+from targan_cli.workflows.translate import (RunContext, SourceChoice, current_command_line, record, run_settings,
+                                            synthesize, write_synthetic)
 
 FILE_ENDING = ".nii.gz"
 DATASET_JSON = "dataset.json"
@@ -276,7 +280,8 @@ def _made_otherwise(folder: Path, settings: dict[str, Any], overwrite: bool) -> 
 def _prepare_folder(folder: Path, settings: dict[str, Any], clear: bool) -> None:
     """Create the dataset's folders and settings file; ``clear`` removes the cases of other settings."""
     if clear:
-        _remove([*_dataset_files(folder), folder / DATASET_JSON])
+        files = _dataset_files(folder)
+        _remove([*files, *map(sidecar_path, files), folder / DATASET_JSON])
     for sub in (IMAGES_TR, LABELS_TR):
         try:
             (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -289,17 +294,6 @@ def _prepare_folder(folder: Path, settings: dict[str, Any], clear: bool) -> None
 
 
 # ----------------------------------------------------------------------------- provenance
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as error:
-        raise TarganError(f"cannot read: {error.strerror or error}", path) from None
-    return digest.hexdigest()
 
 
 def _settings(source: str, channels: tuple[str, ...], weights_sha256: str | None) -> dict[str, Any]:
@@ -435,8 +429,11 @@ def enrich(
         loaded = load_weights(weights, revision, torch_device)
         synthetic = _synthetic_modalities(loaded, source, targets)
     channels = channel_names(source, synthetic, _source_is_ct(source, loaded, found.intensity))
-    weights_sha256 = _sha256(loaded.folder / WEIGHTS_FILE) if loaded is not None else None
+    weights_sha256 = sha256_file(loaded.folder / WEIGHTS_FILE) if loaded is not None else None
     settings = _settings(source, channels, weights_sha256)
+    contexts = [RunContext(loaded, weights_sha256, run_settings(weights_sha256, source, target, precision, "nifti",
+                                                                False), str(torch_device), precision,
+                           batch_size, current_command_line()) for target in synthetic] if loaded else []
     clear = _made_otherwise(folder, settings, overwrite)
     moves = _split_moves(folder, found.cases, overwrite)
     prepared = False
@@ -455,10 +452,11 @@ def enrich(
     written, skipped = [], []
     for case in found.cases:
         files = _case_files(folder, case, len(channels))
-        if not overwrite and all(path.is_file() for path in files):
+        if not overwrite and all(path.is_file() for path in files) and all(
+                output_state(path, context.run).kind == "complete" for path, context in zip(files[1:], contexts)):
             skipped.append(case.case_id)
         else:
-            _write_case(case, files, source, synthetic, loaded, dtype, batch_size, prepare)
+            _write_case(case, files, source, contexts, dtype, batch_size, prepare)
             written.append(case.case_id)
         if progress is not None:
             progress(1)
@@ -490,23 +488,25 @@ def _split_moves(folder: Path, cases: tuple[EnrichCase, ...], overwrite: bool) -
     return moves
 
 
-def _write_case(case: EnrichCase, files: list[Path], source: str, synthetic: tuple[str, ...],
-                weights: Weights | None, dtype: torch.dtype | None, batch_size: int,
-                before_writing: Callable[[], None]) -> None:
-    """Write every file of a case. The image and label are read and checked, and the first
-    translation made (it fails on a blank MR volume), before ``before_writing()`` and any file."""
+def _write_case(case: EnrichCase, files: list[Path], source: str, contexts: list[RunContext],
+                dtype: torch.dtype | None, batch_size: int, before_writing: Callable[[], None]) -> None:
+    """Write every file of a case, the synthetic channels with their sidecars. The image and label
+    are read and checked, and the first translation made (it fails on a blank MR volume), before
+    ``before_writing()`` and any file."""
+    choice = SourceChoice(source, f"the input folder or --from ({source})")
 
-    def translation(target: str) -> np.ndarray:
-        return translate_volume(volume, weights, source, target, batch_size=batch_size, dtype=dtype).array
+    def translation(context: RunContext):
+        return synthesize(volume, context.weights, source, context.run["--to"], batch_size=batch_size, dtype=dtype)
 
     volume = read_volume(case.image)
     mask = read_label(case.label, volume).array if case.label is not None else None
-    pending = [translation(synthetic[0])] if synthetic else []
+    pending = [translation(contexts[0])] if contexts else []
     before_writing()
     write_volume(files[0], volume, overwrite=True)
-    for channel, target in enumerate(synthetic, start=1):
-        array = pending.pop() if pending else translation(target)
-        write_volume(files[channel], volume.with_array(array), overwrite=True)
+    for channel, context in enumerate(contexts, start=1):
+        synthetic = pending.pop() if pending else translation(context)
+        write_synthetic(files[channel], synthetic, record(case.image, choice, context.run["--to"], synthetic, context),
+                        context.weights, overwrite=True)
     if mask is not None:
         write_volume(files[-1], volume.with_array(mask), label=True, overwrite=True)
 

@@ -745,7 +745,8 @@ def _run(data_dir: DataDir, out: Path, processes: _Processes, device: torch.devi
                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                           "train_config": train_config.to_dict()}
             save_weights(out / EXPORT, trainer.model.ema_generator,
-                         dataclasses.replace(weights_config, provenance=provenance), overwrite=True, command="train")
+                         dataclasses.replace(weights_config, provenance=provenance), overwrite=True, command="train",
+                         discriminator=trainer.model.disc_x)
         saved_step = step
         processes.barrier()
 

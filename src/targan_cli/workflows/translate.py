@@ -3,14 +3,20 @@
 Pipeline per volume: read -> canonical slices -> normalize with the source modality's intensity
 settings -> generator (batched) -> denormalize with the target's (HU rounded to integers) ->
 back to the file's voxel order -> written with the input's affine and header (NIfTI), or as a
-derived DICOM series on the input's grid (``io.dicom.write_dicom``).
+derived DICOM series on the input's grid (``io.dicom.write_dicom``), with a provenance sidecar
+(``io.provenance``). Quality control (``core.qc``) translates the output back with the same
+generator and compares it with the input: the cycle score, per slice and per volume. Folder runs
+resume: an output whose sidecar records this run's settings is skipped.
 """
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +25,118 @@ import torch
 from targan_cli import __version__
 from targan_cli.config import WeightsConfig
 from targan_cli.core.device import check_precision, pick_device
-from targan_cli.core.inference import generator_device, translate_slices
-from targan_cli.core.intensity import denormalize, guess_kind, normalize
+from targan_cli.core.inference import classify_slices, generator_device, translate_slices
+from targan_cli.core.intensity import body_mask, denormalize, guess_kind, normalize, robust_high
+from targan_cli.core.qc import (CLIP_WARNING_FRACTION, CYCLE_CHECK, CYCLE_POOR, FLAGGED_SHARE_CHECK,
+                                MIN_BODY_FRACTION, Grade, ModalityVote, clipped_fraction, cycle_errors, grade,
+                                modality_vote, scored_slices, units)
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import check_apart, check_writable, local_paths
-from targan_cli.io.dicom import DicomSeries, check_series_folder, dicom_series_folders, read_dicom, write_dicom
+from targan_cli.io.dicom import (SERIES_KIND, DicomSeries, check_series_folder, dicom_series_folders, is_targan_series,
+                                 read_dicom, save_dicom)
 from targan_cli.io.montage import describe_window, modality_window, save_montage
 from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, canonical_depth, case_id, check_nifti_output, from_slices,
-                                  is_volume_path, list_volumes, read_volume, slice_frame, to_slices, write_volume)
-from targan_cli.io.weights import Weights, load_weights
+                                  is_volume_path, list_volumes, read_volume, save_volume, slice_frame, to_slices, write_volume)
+from targan_cli.io.provenance import (RUN_KEY, OutputState, output_state, read_sidecar, sha256_file, sidecar_path,
+                                      synthetic_descrip, synthetic_intent_name, write_with_sidecar)
+from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights
 
 OUTPUT_SUFFIX = ".nii.gz"
 FORMATS = ("auto", "dicom", "nifti")
 PREVIEW_SLICES = 4
+# The model's output at most this far (in [-1, 1]) from its limits counts as clipped to the window.
+_LIMIT_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Quality:
+    """The QC of one translation: the cycle score per slice and per volume ([0, 1] units and the
+    source's), the grade, and the modality check (None: unavailable for these weights)."""
+
+    grade: Grade
+    cycle_volume: float
+    cycle_slices: np.ndarray  # (Z,) canonical slices, NaN where too little body
+    span: float | None  # the source's intensity range the [0, 1] units stand for (None: per-slice scaling)
+    unit: str  # "HU", "MR units" or "" (per-slice scaling)
+    body_fraction: float
+    vote: ModalityVote | None = None
+
+    def to_dict(self) -> dict:
+        def number(value: float) -> float | None:
+            return None if np.isnan(value) else round(float(value), 5)
+
+        return {
+            "Grade": self.grade.grade,
+            "Reasons": list(self.grade.reasons),
+            "CycleScore": number(self.cycle_volume),
+            "CycleScoreSourceUnits": None if self.span is None else number(units(self.cycle_volume, self.span)),
+            "SourceUnits": self.unit or None,
+            "CycleScorePerSlice": [number(value) for value in self.cycle_slices],
+            "FlaggedSlices": list(self.grade.flagged),
+            "BodyFraction": round(self.body_fraction, 5),
+            "ModalityCheck": ("unavailable" if self.vote is None else
+                              {"Predicted": self.vote.predicted, "Share": round(self.vote.share, 4),
+                               "Shares": {k: round(v, 4) for k, v in self.vote.shares.items()}}),
+            "Thresholds": {"CycleCheck": CYCLE_CHECK, "CyclePoor": CYCLE_POOR,
+                           "FlaggedShareCheck": FLAGGED_SHARE_CHECK, "MinBodyFraction": MIN_BODY_FRACTION},
+        }
+
+
+@dataclass(frozen=True)
+class Clipping:
+    """Body voxels clipped to the intensity windows: the input's (values beyond the source window or
+    the MR scale) and the output's (at the limits of the target window)."""
+
+    input_fraction: float | None  # None: the scaling clips nothing (per-slice min-max)
+    output_fraction: float
+    input_window: str
+    output_window: str
+
+    def to_dict(self) -> dict:
+        return {"InputWindow": self.input_window, "OutputWindow": self.output_window,
+                "InputBodyFractionClipped": None if self.input_fraction is None else round(self.input_fraction, 5),
+                "OutputBodyFractionClipped": round(self.output_fraction, 5)}
+
+    def warnings(self, source: str, target: str) -> list[str]:
+        lines = []
+        if self.input_fraction is not None and self.input_fraction > CLIP_WARNING_FRACTION:
+            lines.append(f"{self.input_fraction:.1%} of the input's body voxels lie outside the {source} "
+                         f"window {self.input_window} and were clipped to it")
+        if self.output_fraction > CLIP_WARNING_FRACTION:
+            lines.append(f"{self.output_fraction:.1%} of the output's body voxels are clipped to the {target} "
+                         f"window {self.output_window}")
+        return lines
+
+
+@dataclass(frozen=True)
+class VolumeReport:
+    """One output of a run: how its source was chosen, and, when it was translated now, its QC,
+    clipping and the warnings to show; ``status`` is written, redone (with ``note``) or skipped."""
+
+    output: Path
+    source: SourceChoice
+    status: str = "written"
+    note: str = ""
+    slices: int = 0
+    quality: Quality | None = None
+    clipping: Clipping | None = None
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will use, told before any work: weights, revision, preset, modalities, device."""
+
+    weights: str
+    revision: str
+    preset: str
+    image_size: int
+    source: str  # --from, or "auto"
+    target: str
+    device: str
+    precision: str
+    qc: bool
+    modality_check: bool
 
 
 @dataclass(frozen=True)
@@ -46,6 +151,7 @@ class TranslateResult:
     preview: Path | None = None
     sources: tuple[SourceChoice, ...] = ()  # per output, how its input's modality was chosen
     notes: tuple[str, ...] = ()  # lines for the user, e.g. files skipped in a DICOM folder
+    volumes: tuple[VolumeReport, ...] = field(default=())  # per output, in order
 
     @property
     def slices_per_second(self) -> float:
@@ -53,14 +159,16 @@ class TranslateResult:
 
 
 @dataclass(frozen=True)
-class _Translation:
-    """One translated volume and the few canonical slices a preview shows."""
+class Translation:
+    """One translated volume, the few canonical slices a preview shows, and its QC."""
 
     volume: Volume
     shown: list[int]  # indices of the preview slices along Z
     depth: int
     input_preview: np.ndarray  # (len(shown), H, W) stored units
     output_preview: np.ndarray  # (len(shown), H, W) target units
+    clipping: Clipping
+    quality: Quality | None = None
 
 
 def _modalities(config: WeightsConfig) -> str:
@@ -76,12 +184,14 @@ class SourceChoice:
     doubt: str | None = None  # --from names a modality of another kind than the input looks like
 
 
-def infer_source(config: WeightsConfig, volume: Volume, source: str | None, target: str) -> SourceChoice:
+def infer_source(config: WeightsConfig, volume: Volume, source: str | None, target: str,
+                 predict: Callable[[list[str]], SourceChoice | None] | None = None) -> SourceChoice:
     """The input's modality: ``source`` (--from) if given; else the weights' only modality of the
     input's kind (CT or MR: the DICOM Modality tag, or for NIfTI the values: Hounsfield units are
     CT, non-negative values MR), leaving ``target`` out when that decides it; else the weights'
     only modality other than ``target``. Otherwise a usage error listing the names. A DICOM
-    series of another modality (PT, US...) needs --from.
+    series of another modality (PT, US...) needs --from. ``predict(candidates)`` (the modality check),
+    when given, is asked first, with the modalities of the DICOM tag's kind, or all.
     """
     tag = volume.modality
     if source is not None:
@@ -96,6 +206,11 @@ def infer_source(config: WeightsConfig, volume: Volume, source: str | None, targ
     if tag is not None and tag not in ("CT", "MR"):
         raise UsageError(f"the DICOM series is {tag}, not CT or MR: pass --from with the modality "
                          f"to treat it as, one of {_modalities(config)}", volume.source)
+    if predict is not None:
+        candidates = [m.name for m in config.modalities if tag is None or m.intensity.kind == tag.lower()]
+        predicted = predict(candidates) if candidates else None
+        if predicted is not None:
+            return predicted
     kind = tag.lower() if tag is not None else guess_kind(volume.array)
     where = f"the DICOM series is {tag}" if tag is not None else (
         f"the values look like {kind.upper()}" if kind is not None else "")
@@ -126,30 +241,103 @@ def _preview_indices(depth: int) -> list[int]:
     return sorted({int((k + 0.5) * depth / PREVIEW_SLICES) for k in range(PREVIEW_SLICES)})
 
 
-def _translate(volume: Volume, weights: Weights, source: str, target: str, *, batch_size: int,
-               dtype: torch.dtype | None, progress: Callable[[int], None] | None) -> _Translation:
+def _window_text(settings, output: bool = False) -> str:
+    if settings.kind == "ct":
+        low, high = settings.window
+        return f"{low:g}..{high:g} HU"
+    if output:
+        return f"0..{settings.reference_high:g} (MR reference scale)"
+    if settings.scaling == "volume":
+        return f"0..p{settings.percentile:g} of the body (MR)"
+    return "per-slice min-max (MR)"
+
+
+def _input_clipping(slices: np.ndarray, normalized: np.ndarray, body: np.ndarray, settings) -> float | None:
+    """The fraction of body voxels the source's normalisation clipped (None: it clips nothing)."""
+    if settings.kind == "ct":
+        return clipped_fraction(slices, body, *settings.window)
+    if settings.scaling == "volume":
+        return clipped_fraction(normalized, body, None, 1.0)
+    return None
+
+
+def _modality_vote(weights: Weights, normalized: np.ndarray, body: np.ndarray,
+                   batch_size: int) -> ModalityVote | None:
+    """The discriminator's majority modality over the body slices (None: no discriminator)."""
+    if weights.discriminator is None:
+        return None
+    logits = classify_slices(weights.discriminator, normalized, weights.config.model, batch_size=batch_size)
+    return modality_vote(logits, weights.config.modality_names, scored_slices(body))
+
+
+def predict_source(weights: Weights, volume: Volume, candidates: list[str]) -> SourceChoice | None:
+    """``--from auto`` with the modality check: the candidate that the discriminator predicts for the
+    largest share of the body slices when the volume is normalized as that candidate (a majority
+    is needed); None without a discriminator or a majority."""
+    if weights.discriminator is None:
+        return None
+    slices = to_slices(volume)[0]
+    best: tuple[float, str] | None = None
+    for name in candidates:
+        try:
+            normalized = normalize(slices, weights.config.intensity(name))
+        except TarganError:  # e.g. no positive values for an MR scaling
+            continue
+        vote = _modality_vote(weights, normalized, body_mask(normalized), 16)
+        if vote is not None and (best is None or vote.shares[name] > best[0]):
+            best = (vote.shares[name], name)
+    if best is None or best[0] <= 0.5:
+        return None
+    return SourceChoice(best[1], f"the modality check predicts {best[1]} on {best[0]:.0%} of the body slices")
+
+
+def synthesize(volume: Volume, weights: Weights, source: str, target: str, *, batch_size: int,
+               dtype: torch.dtype | None, progress: Callable[[int], None] | None = None,
+               qc: bool = False) -> Translation:
+    """``volume`` translated to ``target`` with what its sidecar records: the clipping and, with
+    ``qc``, the cycle score (a second generator pass, back to ``source``)."""
     config = weights.config
-    target_settings = config.intensity(target)
+    source_settings, target_settings = config.intensity(source), config.intensity(target)
     slices, frame = to_slices(volume)  # (Z, H, W) stored units
     shown = _preview_indices(slices.shape[0])
     input_preview = slices[shown]
     try:
-        normalized = normalize(slices, config.intensity(source))
+        normalized = normalize(slices, source_settings)
+        span = (source_settings.window[1] - source_settings.window[0] if source_settings.kind == "ct" else
+                robust_high(slices, source_settings) if source_settings.scaling == "volume" else None)
     except TarganError as error:  # e.g. a blank MR volume: name the file
         raise TarganError(error.message, error.path or volume.source, error.exit_code) from None
-    # Only one volume-sized float array lives while the generator runs: the slices are dropped
-    # and the output overwrites the normalized input batch by batch.
+    body = body_mask(normalized)  # (Z, H, W) bool
+    input_clipped = _input_clipping(slices, normalized, body, source_settings)
+    source_normalized = normalized.copy() if qc else None
+    vote = _modality_vote(weights, normalized, body, batch_size) if qc else None
+    # Only one volume-sized float array lives while the generator runs (without QC): the slices are
+    # dropped and the output overwrites the normalized input batch by batch.
     del slices
+    device = generator_device(weights.generator)
     translate_slices(weights.generator, normalized, config.modality_index(target), batch_size=batch_size,
-                     device=generator_device(weights.generator), dtype=dtype, progress=progress,
-                     out=normalized)
+                     device=device, dtype=dtype, progress=progress, out=normalized)
+    output_clipped = clipped_fraction(normalized, body, -1.0 + _LIMIT_TOLERANCE, 1.0 - _LIMIT_TOLERANCE)
     output = denormalize(normalized, target_settings)  # (Z, H, W) target units
+    quality = None
+    if source_normalized is not None:
+        # The cycle: the output translated back to the source, compared with the input in the body.
+        translate_slices(weights.generator, normalized, config.modality_index(source), batch_size=batch_size,
+                         device=device, dtype=dtype, progress=progress, out=normalized)
+        per_slice, volume_error = cycle_errors(source_normalized, normalized, body)
+        body_fraction = float(body.mean())
+        unit = "HU" if source_settings.kind == "ct" else "MR units" if span is not None else ""
+        quality = Quality(grade(per_slice, volume_error, body_fraction, vote, source), volume_error, per_slice,
+                          span, unit, body_fraction, vote)
+        del source_normalized
     del normalized
     if target_settings.kind == "ct":
         np.rint(output, out=output)  # whole HU, so the file is int16 like a scanner's
     modality = "CT" if target_settings.kind == "ct" else "MR"
     translated = Volume(from_slices(output, frame), volume.affine.copy(), volume.header, modality, volume.source)
-    return _Translation(translated, shown, len(output), input_preview, output[shown])
+    clipping = Clipping(input_clipped, output_clipped, _window_text(source_settings),
+                        _window_text(target_settings, output=True))
+    return Translation(translated, shown, len(output), input_preview, output[shown], clipping, quality)
 
 
 def translate_volume(volume: Volume, weights: Weights, source: str, target: str, *, batch_size: int = 16,
@@ -160,7 +348,7 @@ def translate_volume(volume: Volume, weights: Weights, source: str, target: str,
     Runs on the generator's device; ``dtype`` is the autocast dtype (None: fp32); ``progress(n)``
     advances by translated slices. CT outputs are whole HU, MR outputs in [0, reference_high].
     """
-    return _translate(volume, weights, source, target, batch_size=batch_size, dtype=dtype,
+    return synthesize(volume, weights, source, target, batch_size=batch_size, dtype=dtype,
                       progress=progress).volume
 
 
@@ -250,19 +438,108 @@ def weights_label(weights: Weights) -> str:
     return str(weights.folder)
 
 
-def _write(path: Path, translation: _Translation, dicom: DicomSeries | None, source: str, target: str,
-           weights: Weights, overwrite: bool) -> None:
+def _revision(weights: Weights) -> str:
+    provenance = weights.config.provenance
+    if provenance.get("hub_repo"):
+        return str(provenance.get("hub_commit") or provenance.get("hub_revision") or "main")
+    return "local folder"
+
+
+def run_settings(weights_sha256: str, source: str | None, target: str, precision: str, output_format: str,
+                 qc: bool) -> dict:
+    """What decides an output's content: a folder run skips outputs whose sidecar records the same."""
+    return {"weights": weights_sha256, "--from": source or "auto", "--to": target, "--precision": precision,
+            "--format": output_format, "--qc": qc}
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every output's sidecar records about the run; ``run`` (``run_settings``) decides
+    whether an existing output is complete."""
+
+    weights: Weights
+    weights_sha256: str
+    run: dict
+    device: str
+    precision: str
+    batch_size: int
+    command_line: str
+
+
+def current_command_line() -> str:
+    """This process's command line, as a shell would take it back."""
+    return shlex.join(["targan", *sys.argv[1:]])
+
+
+def record(source_path: Path, source: SourceChoice, target: str, translation: Translation,
+           context: RunContext) -> dict:
+    """The sidecar of one synthetic volume (BIDS-style keys where BIDS has them)."""
+    config = context.weights.config
+    return {
+        "Synthetic": True,
+        "Description": (f"Synthetic {target} image translated from a {source.name} image by TarGAN; "
+                        "not an acquired image, do not use it for diagnosis"),
+        "ImageType": ["DERIVED", "SECONDARY", "SYNTHETIC"],
+        "Modality": translation.volume.modality,
+        "SourceModality": source.name,
+        "SourceModalityChosenBy": source.reason or "--from",
+        "TargetModality": target,
+        "Sources": [source_path.name],
+        "SourceSHA256": sha256_file(source_path),
+        "Weights": {"Source": (weights_label(context.weights) if config.provenance.get("hub_repo") else
+                               str(context.weights.folder.resolve())), "Revision": _revision(context.weights),
+                    "SHA256": context.weights_sha256, "Preset": config.preset or "custom",
+                    "ImageSize": config.model.image_size},
+        "Device": context.device,
+        "Precision": context.precision,
+        "BatchSize": context.batch_size,
+        "ConversionSoftware": "targan-cli",
+        "ConversionSoftwareVersion": __version__,
+        "CommandLine": context.command_line,
+        "DateTimeUTC": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "Intensity": translation.clipping.to_dict(),
+        "QC": translation.quality.to_dict() if translation.quality is not None else "not run (--no-qc)",
+        RUN_KEY: context.run,
+    }
+
+
+def _description(record: dict) -> str:
+    """A DICOM series' description: what the sidecar says, in one line."""
+    quality = record["QC"]
+    grade_text = f"QC {quality['Grade']}, cycle score {quality['CycleScore']}" if isinstance(quality, dict) else "no QC"
+    weights = record["Weights"]
+    return (f"synthetic {record['TargetModality']} from {record['SourceModality']} by targan "
+            f"{__version__}, weights {weights['Source']} sha256 {weights['SHA256'][:16]}, preset "
+            f"{weights['Preset']}, source {record['Sources'][0]} sha256 {record['SourceSHA256'][:16]}, "
+            f"{grade_text}, {record['DateTimeUTC']}")
+
+
+def write_synthetic(path: Path, translation: Translation, record: dict, weights: Weights,
+                    dicom: DicomSeries | None = None, overwrite: bool = False) -> None:
+    """A synthetic volume and its sidecar ``record``, NIfTI (descrip and intent_name set) or a DICOM
+    series (``dicom``: its source series); the sidecar is in place first (``write_with_sidecar``)."""
+    target = record["TargetModality"]
     if _is_nifti_name(path):
-        write_volume(path, translation.volume, overwrite=overwrite)
+        detail = f"from {record['SourceModality']}, weights sha256 {record['Weights']['SHA256'][:12]}"
+
+        def write(temporary: Path) -> None:
+            save_volume(temporary, translation.volume, descrip=synthetic_descrip(target, __version__, detail),
+                        intent_name=synthetic_intent_name(target))
+
+        write_with_sidecar(path, write, record, overwrite=overwrite, kind="volume")
         return
     settings = weights.config.intensity(target)
-    description = f"synthetic {target} from {source} by targan {__version__}, weights {weights_label(weights)}"
-    write_dicom(path, translation.volume, source=dicom, modality=translation.volume.modality or "MR",
-                description=description, window=settings.window if settings.kind == "ct" else None,
-                software=f"targan-cli {__version__}", overwrite=overwrite)
+
+    def write_series(temporary: Path) -> None:
+        save_dicom(temporary, translation.volume, source=dicom, modality=translation.volume.modality or "MR",
+                   description=_description(record), window=settings.window if settings.kind == "ct" else None,
+                   software=f"targan-cli {__version__}")
+
+    write_with_sidecar(path, write_series, record, overwrite=overwrite, is_dir=True, kind=SERIES_KIND,
+                       ours=is_targan_series)
 
 
-def _preview(path: Path, translation: _Translation, source: str, target: str, config: WeightsConfig,
+def _preview(path: Path, translation: Translation, source: str, target: str, config: WeightsConfig,
              overwrite: bool) -> Path:
     """Input beside output for the preview slices, each in its modality's one window (CT: the HU
     window; MR: 0 to the weights' reference level), as the caption says; an MR modality without a
@@ -276,9 +553,28 @@ def _preview(path: Path, translation: _Translation, source: str, target: str, co
     caption = "; ".join(describe_window(name, config.intensity(name)) if shown is not None else f"{name}: per image"
                         for name, shown in zip((source, target), windows))
     rows = [[image, output] for image, output in zip(translation.input_preview, translation.output_preview)]
-    return save_montage(path, rows, [f"slice {i + 1}/{translation.depth}" for i in translation.shown],
+    flagged = set(translation.quality.grade.flagged) if translation.quality is not None else set()
+    labels = [f"slice {i + 1}/{translation.depth}" + (" QC FLAGGED" if i in flagged else "") for i in translation.shown]
+    return save_montage(path, rows, labels,
                         [f"input ({source})", f"output ({target})"], overwrite,
                         column_windows=windows, caption=f"Windows: {caption}")
+
+
+def _check_outputs(inputs: list[Path], outputs: list[Path], overwrite: bool, folder_run: bool) -> None:
+    """Refuse, before any work, outputs and sidecars that may not be written: existing ones need
+    ``overwrite``, except, in a folder run, those this tool wrote (their sidecar says so), which the
+    run skips or redoes (``output_state``)."""
+    for path in outputs:
+        ours = RUN_KEY in (read_sidecar(path) or {})
+        replace = overwrite or (folder_run and ours)
+        if _is_nifti_name(path):
+            check_writable(path, replace, inputs=inputs, kind="volume")
+        else:
+            check_series_folder(path, replace, inputs=inputs)
+        sidecar = sidecar_path(path)
+        if sidecar.exists() and not (overwrite or ours):
+            raise TarganError("already exists and targan did not write it; pass --overwrite to replace it", sidecar)
+        check_writable(sidecar, True, inputs=inputs, kind="json")
 
 
 def translate(
@@ -298,6 +594,9 @@ def translate(
     overwrite: bool = False,
     output_format: str = "auto",
     series: str | None = None,
+    qc: bool | None = None,
+    command_line: str | None = None,
+    announce: Callable[[RunPlan], None] | None = None,
     progress: Callable[[int], None] | None = None,
     total_callback: Callable[[int], None] | None = None,
 ) -> TranslateResult:
@@ -306,10 +605,16 @@ def translate(
     ``num_parts``: the cases sorted by name ``[part_id::num_parts]``) to a folder of ``<case>.nii.gz``
     or ``<case>`` DICOM folders. ``output_format`` "auto" writes DICOM for a DICOM input (unless the
     output is named .nii / .nii.gz) and NIfTI for a NIfTI input; ``series`` picks one series of a
-    DICOM input that holds several. ``total_callback(slices)`` is called once before ``progress(n)``
-    starts. Every output is checked (existing without ``overwrite``, unwritable) before any work.
+    DICOM input that holds several. Every output gets a ``<name>.json`` provenance sidecar.
+
+    ``qc`` runs the cycle score (None: on for a single volume, off for a folder); ``source`` None or
+    "auto" infers each input's modality. A folder run skips outputs that are complete for the same
+    weights and options, and redoes those made otherwise. ``announce(plan)`` is called once before
+    any volume is read; ``total_callback(slices)`` once before ``progress(n)`` starts. Every output
+    is checked (existing without ``overwrite``, unwritable) before any work.
     """
     input, output = Path(input), Path(output)
+    source = None if source == "auto" else source
     preview = Path(preview) if preview is not None else None
     _check_options(batch_size, num_parts, part_id)
     if preview is not None and preview.suffix.lower() != ".png":
@@ -317,11 +622,9 @@ def translate(
     inputs, outputs = _plan(input, output, num_parts, part_id, preview, output_format, series)
     read = [input, *inputs, *local_paths(weights)]
     check_apart(output, read)
-    for path in outputs:
-        if _is_nifti_name(path):
-            check_writable(path, overwrite, inputs=read, kind="volume")
-        else:
-            check_series_folder(path, overwrite, inputs=read)
+    folder_run = not (input.is_file() or is_volume_path(input))
+    qc = not folder_run if qc is None else qc
+    _check_outputs(read, outputs, overwrite, folder_run)
     if preview is not None:
         check_writable(preview, overwrite, inputs=read, kind="png")
     torch_device = pick_device(device)
@@ -330,29 +633,53 @@ def translate(
     loaded.config.modality_index(to)
     if source is not None:
         loaded.config.modality_index(source)
+    weights_sha256 = sha256_file(loaded.folder / WEIGHTS_FILE)
+    run = run_settings(weights_sha256, source, to, precision, output_format, qc)
+    states = [output_state(path, run) if folder_run else OutputState("missing") for path in outputs]
+    context = RunContext(loaded, weights_sha256, run, str(torch_device), precision, batch_size,
+                         command_line if command_line is not None else current_command_line())
 
     started = time.perf_counter()
+    todo = [(path, target, state) for path, target, state in zip(inputs, outputs, states)
+            if overwrite or state.kind != "complete"]
+    if announce is not None and todo:
+        announce(RunPlan(weights_label(loaded), _revision(loaded), loaded.config.preset or "custom",
+                         loaded.config.model.image_size, source or "auto", to, str(torch_device), precision, qc,
+                         loaded.discriminator is not None))
     # One volume is read first (a DICOM series' depth is known only once read); a folder's
     # depths come from the NIfTI headers, so that the progress total is known up front.
-    first = _read(inputs[0], series) if len(inputs) == 1 else None
+    first = _read(inputs[0], series) if len(inputs) == 1 and todo else None
     total = (slice_frame(first[0].shape, first[0].affine, first[0].source).canonical_shape[0] if first is not None
-             else sum(canonical_depth(path) for path in inputs))
-    if total_callback is not None and inputs:  # a part without files shows no (empty) progress
-        total_callback(total)
+             else sum(canonical_depth(path) for path, _, _ in todo))
+    if total_callback is not None and todo:  # a part without files shows no (empty) progress
+        total_callback(total * (2 if qc else 1))
     written_preview = None
     sources: list[SourceChoice] = []
     notes: list[str] = []
-    for path, target_path in zip(inputs, outputs):
+    reports: list[VolumeReport] = []
+    for path, target_path, state in zip(inputs, outputs, states):
+        if state.kind == "complete" and not overwrite:
+            recorded = read_sidecar(target_path) or {}
+            choice = SourceChoice(str(recorded.get("SourceModality", "?")))
+            sources.append(choice)
+            reports.append(VolumeReport(target_path, choice, "skipped", "complete, same weights and options"))
+            continue
         volume, dicom = first if first is not None else _read(path, series)
         if dicom is not None and dicom.skipped_note is not None:
             notes.append(f"{path}: {dicom.skipped_note}")
-        choice = infer_source(loaded.config, volume, source, to)
+        choice = infer_source(loaded.config, volume, source, to,
+                              lambda candidates: predict_source(loaded, volume, candidates))
         sources.append(choice)
-        source_name = choice.name
-        translation = _translate(volume, loaded, source_name, to, batch_size=batch_size, dtype=dtype,
-                                 progress=progress)
-        _write(target_path, translation, dicom, source_name, to, loaded, overwrite)
+        translation = synthesize(volume, loaded, choice.name, to, batch_size=batch_size, dtype=dtype,
+                                 progress=progress, qc=qc)
+        write_synthetic(target_path, translation, record(path, choice, to, translation, context), loaded, dicom,
+                        overwrite or state.kind == "changed")
+        warnings = tuple(translation.clipping.warnings(choice.name, to))
+        status, note = ("redone", state.reason) if state.kind == "changed" else ("written", "")
+        reports.append(VolumeReport(target_path, choice, status, note, translation.depth, translation.quality,
+                                    translation.clipping, warnings))
         if preview is not None:
-            written_preview = _preview(preview, translation, source_name, to, loaded.config, overwrite)
-    return TranslateResult(tuple(outputs), to, total, time.perf_counter() - started, str(torch_device),
-                           written_preview, tuple(sources), tuple(notes))
+            written_preview = _preview(preview, translation, choice.name, to, loaded.config, overwrite)
+    translated = sum(report.slices for report in reports)
+    return TranslateResult(tuple(outputs), to, translated, time.perf_counter() - started, str(torch_device),
+                           written_preview, tuple(sources), tuple(notes), tuple(reports))

@@ -22,7 +22,7 @@ ENVIRONMENT = {**os.environ, "NO_COLOR": "1", "COLUMNS": "240", "HF_HUB_OFFLINE"
 def targan(*arguments: object, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     """Run ``targan ARGUMENTS`` in its own process (as a user would), from the current folder."""
     return subprocess.run([sys.executable, "-m", "targan_cli", *map(str, arguments)], capture_output=True,
-                          text=True, timeout=timeout, env=ENVIRONMENT, **popen)
+                          text=True, timeout=timeout, **{"env": ENVIRONMENT, **popen})
 
 
 def tree_digest(*roots: Path) -> dict[str, str]:

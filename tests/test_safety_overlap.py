@@ -109,3 +109,15 @@ def test_segment_train_and_import_outputs_overlapping_inputs_are_refused(tmp_pat
     chaos = build_chaos_tree(tmp_path / "chaos")
     _refused_untouched(["data", "import-chaos", chaos, chaos / "DATA", "--overwrite"], [chaos],
                        "lies inside the input")
+
+
+def test_weights_named_by_the_environment_are_an_input_too(tmp_path: Path, weights: Path) -> None:
+    """$TARGAN_WEIGHTS (no --weights) names an input as much as --weights does."""
+    from cli_safety import ENVIRONMENT
+
+    source = write_case(tmp_path / "cases" / "a.nii.gz")
+    before = tree_digest(weights)
+    result = targan("translate", source, "-o", weights / "out.nii.gz", "--from", "ct", "--to", "t1w",
+                    "--device", "cpu", "--overwrite", env={**ENVIRONMENT, "TARGAN_WEIGHTS": str(weights)})
+    refusal(result, "lies inside the input", str(weights), exit_code=1)
+    assert tree_digest(weights) == before

@@ -158,11 +158,16 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
     return snapshot, commit
 
 
+def weights_source(source: str | Path | None) -> str | Path:
+    """Where a command reads its weights from: ``source`` (--weights), else $TARGAN_WEIGHTS, else the
+    built-in repo. A local folder among these is one of the command's inputs (io.atomic.check_apart)."""
+    return source if source is not None else os.environ.get(WEIGHTS_ENV) or DEFAULT_REPO
+
+
 def resolve_weights(source: str | Path | None = None, revision: str | None = None) -> tuple[Path, dict]:
     """A weights source -> (local folder, provenance additions). See the module docstring."""
     from_environment = source is None and bool(os.environ.get(WEIGHTS_ENV))
-    if source is None:
-        source = os.environ.get(WEIGHTS_ENV) or DEFAULT_REPO
+    source = weights_source(source)
     try:
         return _resolve(str(source), revision)
     except TarganError as error:

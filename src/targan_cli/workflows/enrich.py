@@ -43,7 +43,7 @@ from targan_cli.io.atomic import atomic_output, check_apart, local_paths, made_b
 from targan_cli.io.provenance import output_state, sha256_file, sidecar_path
 from targan_cli.io.volume import (NIFTI_SUFFIXES, case_id, list_volumes, read_label, read_volume,
                                   write_volume)
-from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights
+from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights, weights_source
 from targan_cli.workflows.translate import (RunContext, SourceChoice, current_command_line, record, run_settings,
                                             synthesize, write_synthetic)
 
@@ -414,7 +414,7 @@ def enrich(
     source = _source_modality(source, found.modality)
     name = name if name is not None else default_dataset_name(source, single_channel)
     folder = dataset_folder(output, dataset_id, name)
-    check_apart(folder, local_paths(input, labels, weights))
+    check_apart(folder, local_paths(input, labels, weights_source(weights)))
     clashes = _clashing_datasets(output, dataset_id, name)
     if clashes:
         raise TarganError(f"dataset id {dataset_id} is taken by {clashes[0]}; nnU-Net needs unique ids: choose "

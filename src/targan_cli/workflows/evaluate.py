@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
@@ -44,7 +43,7 @@ from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output, check_writable, local_paths
 from targan_cli.io.features import feature_module_kind, inception_features, load_feature_module
 from targan_cli.io.volume import Volume, case_id, list_volumes, read_label, read_on_grid, read_volume, to_slices
-from targan_cli.io.weights import DEFAULT_REPO, WEIGHTS_ENV, Weights, load_weights
+from targan_cli.io.weights import Weights, load_weights, weights_source
 from targan_cli.workflows.segment import (Segmenter, label_slices, load_segmenter,
                                           segment_stored_slices)
 
@@ -688,7 +687,7 @@ def evaluate(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if json_out is not None and csv_out is not None and Path(json_out).resolve() == Path(csv_out).resolve():
         raise UsageError("--json and --csv name the same file; give each its own", json_out)
-    inputs = local_paths(data, *weights, segmenters, fid_features, inception_weights, *predictions, truth)
+    inputs = local_paths(data, *(weights or [weights_source(None)]), segmenters, fid_features, inception_weights, *predictions, truth)
     for path, kind in ((json_out, "json"), (csv_out, "csv")):
         if path is not None:
             check_writable(path, overwrite, inputs=inputs, kind=kind)
@@ -708,7 +707,7 @@ def evaluate(
         torch_device = pick_device(device)
         if "fid" in metrics and fid_features is not None and inception_weights is not None:
             raise UsageError("pass either --fid-features or --inception-weights, not both")
-        sources = list(weights) or [os.environ.get(WEIGHTS_ENV) or DEFAULT_REPO]
+        sources = list(weights) or [weights_source(None)]
         if len(set(sources)) != len(sources):
             raise UsageError(f"pass each --weights once, got {', '.join(sources)}")
         models = [generator_model(load_weights(source, None, torch_device), source, batch_size) for source in sources]

@@ -36,10 +36,10 @@ from targan_cli.io.dicom import (SERIES_KIND, DicomSeries, check_series_folder, 
                                  read_dicom, save_dicom)
 from targan_cli.io.montage import describe_window, modality_window, save_montage
 from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, canonical_depth, case_id, check_nifti_output, from_slices,
-                                  is_volume_path, list_volumes, read_volume, save_volume, slice_frame, to_slices, write_volume)
+                                  is_volume_path, list_volumes, read_volume, save_volume, slice_frame, to_slices)
 from targan_cli.io.provenance import (RUN_KEY, OutputState, output_state, read_sidecar, sha256_file, sidecar_path,
                                       synthetic_descrip, synthetic_intent_name, write_with_sidecar)
-from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights
+from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights, weights_source
 
 OUTPUT_SUFFIX = ".nii.gz"
 FORMATS = ("auto", "dicom", "nifti")
@@ -620,7 +620,7 @@ def translate(
     if preview is not None and preview.suffix.lower() != ".png":
         raise UsageError("the preview is a PNG: its name must end in .png", preview)
     inputs, outputs = _plan(input, output, num_parts, part_id, preview, output_format, series)
-    read = [input, *inputs, *local_paths(weights)]
+    read = [input, *inputs, *local_paths(weights_source(weights))]
     check_apart(output, read)
     folder_run = not (input.is_file() or is_volume_path(input))
     qc = not folder_run if qc is None else qc

@@ -120,3 +120,25 @@ def test_the_preview_shows_mr_in_its_modality_window(tmp_path: Path, weights: Pa
     left = pixels.shape[1] - 2 * (tile + margin)  # the input column, after the row labels
     column = pixels[40:-40, left + 4:left + tile - 4]  # below the column label, above the caption
     assert abs(int(column.max()) - 128) <= 2
+
+
+def test_the_modality_check_chooses_only_among_modalities_of_the_inputs_kind(weights: Path) -> None:
+    """A discriminator that takes every input for t2w cannot make a CT in Hounsfield units into an
+    MR input: the check chooses only among the input's kind (here one, ct); for an MR input it
+    does choose between t1w and t2w."""
+    from targan_cli.io.volume import Volume
+    from targan_cli.io.weights import read_weights_config
+    from targan_cli.workflows.translate import SourceChoice, infer_source
+
+    config = read_weights_config(weights)
+    asked: list[list[str]] = []
+
+    def says_t2w(candidates: list[str]) -> SourceChoice | None:
+        asked.append(candidates)
+        return SourceChoice("t2w", "the check says t2w") if "t2w" in candidates else None
+
+    affine = np.diag([0.7, 0.7, 5.0, 1.0])
+    ct = infer_source(config, Volume(ct_like().transpose(2, 1, 0), affine), None, "t1w", predict=says_t2w)
+    assert ct.name == "ct" and "look like CT" in ct.reason
+    mr = infer_source(config, Volume(mr_like().transpose(2, 1, 0), affine), None, "ct", predict=says_t2w)
+    assert mr.name == "t2w" and asked == [["t1w", "t2w"]]

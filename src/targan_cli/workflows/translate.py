@@ -191,7 +191,9 @@ def infer_source(config: WeightsConfig, volume: Volume, source: str | None, targ
     CT, non-negative values MR), leaving ``target`` out when that decides it; else the weights'
     only modality other than ``target``. Otherwise a usage error listing the names. A DICOM
     series of another modality (PT, US...) needs --from. ``predict(candidates)`` (the modality check),
-    when given, is asked first, with the modalities of the DICOM tag's kind, or all.
+    when given, is asked first to choose among the modalities of the input's kind (by the DICOM
+    tag or the values; all when neither tells) when there are several: a CT in Hounsfield units
+    is never taken for an MR modality, whatever a discriminator says.
     """
     tag = volume.modality
     if source is not None:
@@ -206,12 +208,12 @@ def infer_source(config: WeightsConfig, volume: Volume, source: str | None, targ
     if tag is not None and tag not in ("CT", "MR"):
         raise UsageError(f"the DICOM series is {tag}, not CT or MR: pass --from with the modality "
                          f"to treat it as, one of {_modalities(config)}", volume.source)
-    if predict is not None:
-        candidates = [m.name for m in config.modalities if tag is None or m.intensity.kind == tag.lower()]
-        predicted = predict(candidates) if candidates else None
+    kind = tag.lower() if tag is not None else guess_kind(volume.array)
+    if predict is not None:  # it chooses among the modalities of the input's kind, when that is known
+        candidates = [m.name for m in config.modalities if kind is None or m.intensity.kind == kind]
+        predicted = predict(candidates) if len(candidates) > 1 else None
         if predicted is not None:
             return predicted
-    kind = tag.lower() if tag is not None else guess_kind(volume.array)
     where = f"the DICOM series is {tag}" if tag is not None else (
         f"the values look like {kind.upper()}" if kind is not None else "")
     if kind is not None:

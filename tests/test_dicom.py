@@ -408,3 +408,18 @@ def test_values_that_break_the_standard_harmlessly_are_read_without_a_warning(
         write_dicom(tmp_path / "out", series.volume, source=series, modality="CT", description="synthetic ct")
     assert [str(w.message) for w in caught] == []
     assert read_dicom(tmp_path / "out").volume.shape == (5, 6, 3)
+
+
+def test_slices_larger_than_the_deferred_read_size_are_read(tmp_path: Path) -> None:
+    """Pixel data past pydicom's deferred-read size (every real CT and MR slice: 512 x 512 x 2 bytes)
+    is checked for its length and read like a small one; a short one is still refused."""
+    stored = _stored_ct((3, 64, 64))  # 8192 bytes a slice
+    files = scanner_series(tmp_path / "big", stored, intercept=-1024)
+    series = read_dicom(tmp_path / "big")
+    assert np.array_equal(to_slices(series.volume)[0], stored.astype(np.int32) - 1024)
+    dataset = pydicom.dcmread(files[1])
+    dataset.PixelData = dataset.PixelData[: 64 * 32 * 2]
+    dataset.save_as(files[1], enforce_file_format=True)
+    with pytest.raises(TarganError, match="but its pixel data holds 4096 bytes") as error:
+        read_dicom(tmp_path / "big")
+    assert error.value.path == files[1]

@@ -347,7 +347,8 @@ def _check_pixel_data_length(file: Path, dataset: pydicom.Dataset, size: tuple[i
         return
     bits = int(dataset.get("BitsAllocated", 16) or 16)
     needed = size[0] * size[1] * bits // 8
-    length = dataset.get_item("PixelData").length
+    element = dataset.get_item("PixelData")  # raw as read; a converted element once its value was decoded
+    length = element.length if hasattr(element, "length") else len(element.value or b"")
     if length != 0xFFFFFFFF and length < needed:
         raise TarganError(f"declares {size[0]} x {size[1]} pixels of {bits} bits ({needed} bytes) but its pixel "
                           f"data holds {length} bytes", file)

@@ -75,7 +75,9 @@ def check_apart(output: str | Path, inputs: Iterable[str | Path]) -> None:
     for source in inputs:
         source = Path(source)
         real_source = _real(source)
-        if real_output == real_source or _same_file(output, source):
+        # the same file, or the same entry (a link given as input, named again through a folder
+        # that does not exist yet: b/../link)
+        if real_output in (real_source, _real_entry(source)) or _same_file(output, source):
             raise TarganError(f"is also an input ({source}): write the output under another name", output)
         if real_output in real_source.parents:
             raise TarganError(f"holds the input {source}: the output must lie outside every input", output)

@@ -170,3 +170,12 @@ def test_ctrl_c_in_a_folder_run_leaves_complete_outputs_only(tmp_path: Path, wei
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "case0.json", "case0.nii.gz", "case1.json", "case1.nii.gz"]  # no temporaries, no locks
     assert not _pipeline_threads()
+
+
+def test_negative_io_workers_are_refused(tmp_path: Path, weights: Path) -> None:
+    cases = _folder(tmp_path / "cases", 1)
+    outcome = CliRunner().invoke(app, ["translate", str(cases), "--to", "t2w", "--from", "ct", "-o",
+                                       str(tmp_path / "out"), "--weights", str(weights), "--io-workers", "-1"])
+    assert outcome.exit_code == 2
+    assert "--io-workers must be 0 or more, not -1" in outcome.output
+    assert not (tmp_path / "out").exists()

@@ -149,6 +149,7 @@ def test_a_volume_that_fails_is_reported_and_the_others_are_written(tmp_path: Pa
                                        "--io-workers", "2"])
     assert outcome.exit_code == 1
     assert "failed" in outcome.output and "1 volume of 3 failed" in " ".join(outcome.output.split())
+    assert "Wrote 2 volumes" in outcome.output
     assert (tmp_path / "cli" / "case2.nii.gz").exists() and not (tmp_path / "cli" / "case1.nii.gz").exists()
 
 

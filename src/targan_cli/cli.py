@@ -246,7 +246,8 @@ def translate(
     if not result.outputs:
         console.print(f"Part {part_id} of {num_parts} holds none of the files of {strong(input)}: nothing to translate")
         return
-    written = str(result.outputs[0]) if len(result.outputs) == 1 else f"{counted(len(result.outputs), 'volume')} to {output}"
+    written = (str(result.outputs[0]) if len(result.outputs) == 1 else
+               f"{counted(len(result.outputs) - len(result.failed), 'volume')} to {output}")
     sources = ", ".join(dict.fromkeys(choice.name for choice in result.sources))
     console.print(f"Wrote {strong(written)} ({escape(sources)} → {escape(result.target)}): {counted(result.slices, 'slice')} "
                   f"in {result.seconds:.1f} s, {result.slices_per_second:.1f} slices/s on {result.device}")

@@ -218,6 +218,9 @@ def translate(
     qc: Annotated[Optional[bool], typer.Option(
         "--qc/--no-qc", help="Quality control: translate back and score the cycle (one extra pass). Default: "
                              "on for a single volume, off for a folder.")] = None,
+    io_workers: Annotated[Optional[int], typer.Option(
+        "--io-workers", help="Threads that read and write a folder's volumes while the model translates "
+                             "(default: the cores available, at most 8; 0: one volume after the other).")] = None,
 ) -> None:
     """Translate whole volumes into another modality; the output keeps the input's geometry."""
     from rich.markup import escape
@@ -237,13 +240,14 @@ def translate(
             input, output, to=to, source=source, weights=weights, revision=revision, device=device,
             precision=precision, batch_size=batch_size, preview=preview, num_parts=num_parts,
             part_id=part_id, overwrite=overwrite, output_format=output_format, series=series, qc=qc,
-            announce=announce, progress=advance, total_callback=lambda total: advance(0, total=total))
+            io_workers=io_workers, announce=announce, progress=advance, total_callback=lambda total: advance(0, total=total))
     for note in result.notes:
         console.print(escape(note), highlight=False)
     if not result.outputs:
         console.print(f"Part {part_id} of {num_parts} holds none of the files of {strong(input)}: nothing to translate")
         return
-    written = str(result.outputs[0]) if len(result.outputs) == 1 else f"{counted(len(result.outputs), 'volume')} to {output}"
+    written = (str(result.outputs[0]) if len(result.outputs) == 1 else
+               f"{counted(len(result.outputs) - len(result.failed), 'volume')} to {output}")
     sources = ", ".join(dict.fromkeys(choice.name for choice in result.sources))
     console.print(f"Wrote {strong(written)} ({escape(sources)} → {escape(result.target)}): {counted(result.slices, 'slice')} "
                   f"in {result.seconds:.1f} s, {result.slices_per_second:.1f} slices/s on {result.device}")
@@ -260,6 +264,9 @@ def translate(
             print_warning(f"{report.output}: {line}")
         if report.quality is not None and report.quality.grade.grade != "ok":
             print_warning(f"{report.output}: QC {report.quality.grade.grade}: {'; '.join(report.quality.grade.reasons)}")
+    if result.failed:
+        raise TarganError(f"{counted(len(result.failed), 'volume')} of {len(result.volumes)} failed (see the table); "
+                          "the others were written", output)
 
 
 @app.command()

@@ -35,6 +35,7 @@ from targan_cli.io.atomic import check_apart, check_writable, local_paths
 from targan_cli.io.dicom import (SERIES_KIND, DicomSeries, check_series_folder, dicom_series_folders, is_targan_series,
                                  read_dicom, save_dicom)
 from targan_cli.io.montage import describe_window, modality_window, save_montage
+from targan_cli.io.pipeline import default_workers, stream
 from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, canonical_depth, case_id, check_nifti_output, from_slices,
                                   is_volume_path, list_volumes, read_volume, save_volume, slice_frame, to_slices)
 from targan_cli.io.provenance import (RUN_KEY, OutputState, output_state, read_sidecar, sha256_file, sidecar_path,
@@ -156,6 +157,11 @@ class TranslateResult:
     @property
     def slices_per_second(self) -> float:
         return self.slices / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def failed(self) -> tuple[VolumeReport, ...]:
+        """The outputs of a folder run that an error in their input stopped (the run went on)."""
+        return tuple(report for report in self.volumes if report.status == "failed")
 
 
 @dataclass(frozen=True)
@@ -597,6 +603,7 @@ def translate(
     output_format: str = "auto",
     series: str | None = None,
     qc: bool | None = None,
+    io_workers: int | None = None,
     command_line: str | None = None,
     announce: Callable[[RunPlan], None] | None = None,
     progress: Callable[[int], None] | None = None,
@@ -614,11 +621,19 @@ def translate(
     weights and options, and redoes those made otherwise. ``announce(plan)`` is called once before
     any volume is read; ``total_callback(slices)`` once before ``progress(n)`` starts. Every output
     is checked (existing without ``overwrite``, unwritable) before any work.
+
+    A folder streams (``io.pipeline``): ``io_workers`` threads read and decode the next inputs and
+    as many write the finished outputs while the model translates (None: the cores available; 0:
+    one volume after the other, the same outputs). An error in one input of a folder fails that
+    output only (``TranslateResult.failed``); the others go on.
     """
     input, output = Path(input), Path(output)
     source = None if source == "auto" else source
     preview = Path(preview) if preview is not None else None
     _check_options(batch_size, num_parts, part_id)
+    io_workers = default_workers() if io_workers is None else io_workers
+    if io_workers < 0:
+        raise UsageError(f"--io-workers must be 0 or more, not {io_workers}")
     if preview is not None and preview.suffix.lower() != ".png":
         raise UsageError("the preview is a PNG: its name must end in .png", preview)
     inputs, outputs = _plan(input, output, num_parts, part_id, preview, output_format, series)
@@ -656,32 +671,50 @@ def translate(
     if total_callback is not None and todo:  # a part without files shows no (empty) progress
         total_callback(total * (2 if qc else 1))
     written_preview = None
-    sources: list[SourceChoice] = []
     notes: list[str] = []
-    reports: list[VolumeReport] = []
-    for path, target_path, state in zip(inputs, outputs, states):
+    reports: dict[int, VolumeReport] = {}
+    for index, (path, target_path, state) in enumerate(zip(inputs, outputs, states)):
         if state.kind == "complete" and not overwrite:
             recorded = read_sidecar(target_path) or {}
             choice = SourceChoice(str(recorded.get("SourceModality", "?")))
-            sources.append(choice)
-            reports.append(VolumeReport(target_path, choice, "skipped", "complete, same weights and options"))
-            continue
-        volume, dicom = first if first is not None else _read(path, series)
+            reports[index] = VolumeReport(target_path, choice, "skipped", "complete, same weights and options")
+
+    def read_input(index: int) -> tuple[Volume, DicomSeries | None]:
+        return first if first is not None else _read(inputs[index], series)
+
+    def translate_one(index: int, loaded_input: tuple[Volume, DicomSeries | None]) -> tuple:
+        volume, dicom = loaded_input
         if dicom is not None and dicom.skipped_note is not None:
-            notes.append(f"{path}: {dicom.skipped_note}")
+            notes.append(f"{inputs[index]}: {dicom.skipped_note}")
         choice = infer_source(loaded.config, volume, source, to,
                               lambda candidates: predict_source(loaded, volume, candidates))
-        sources.append(choice)
         translation = synthesize(volume, loaded, choice.name, to, batch_size=batch_size, dtype=dtype,
                                  progress=progress, qc=qc)
-        write_synthetic(target_path, translation, record(path, choice, to, translation, context), loaded, dicom,
-                        overwrite or state.kind == "changed")
-        warnings = tuple(translation.clipping.warnings(choice.name, to))
+        return choice, translation, dicom
+
+    def write_one(index: int, done: tuple) -> tuple[SourceChoice, Translation]:
+        choice, translation, dicom = done
+        changed = states[index].kind == "changed"
+        write_synthetic(outputs[index], translation, record(inputs[index], choice, to, translation, context), loaded,
+                        dicom, overwrite or changed)
+        return choice, translation
+
+    pending = [index for index in range(len(inputs)) if index not in reports]
+    for outcome in stream(pending, read_input, translate_one, write_one, workers=io_workers if folder_run else 0,
+                          expected=(TarganError,) if folder_run else ()):
+        index, state = outcome.item, states[outcome.item]
+        if outcome.error is not None:
+            reports[index] = VolumeReport(outputs[index], SourceChoice("?"), "failed",
+                                          str(outcome.error))
+            continue
+        choice, translation = outcome.result
         status, note = ("redone", state.reason) if state.kind == "changed" else ("written", "")
-        reports.append(VolumeReport(target_path, choice, status, note, translation.depth, translation.quality,
-                                    translation.clipping, warnings))
+        reports[index] = VolumeReport(outputs[index], choice, status, note, translation.depth, translation.quality,
+                                      translation.clipping, tuple(translation.clipping.warnings(choice.name, to)))
         if preview is not None:
             written_preview = _preview(preview, translation, choice.name, to, loaded.config, overwrite)
-    translated = sum(report.slices for report in reports)
+    ordered = [reports[index] for index in range(len(inputs))]
+    sources = [report.source for report in ordered]
+    translated = sum(report.slices for report in ordered)
     return TranslateResult(tuple(outputs), to, translated, time.perf_counter() - started, str(torch_device),
-                           written_preview, tuple(sources), tuple(notes), tuple(reports))
+                           written_preview, tuple(sources), tuple(notes), tuple(ordered))

@@ -1,0 +1,226 @@
+"""Slices/s of ``targan translate`` on a folder: the file path, the model, one-at-a-time and streaming.
+
+Generates (once, cached in ``--workdir``) a folder of CT-like int16 ``.nii.gz`` volumes, side x side
+x depth (depths spread over ``--depth MIN MAX``), and random weights of ``--preset``. Then, in one
+process, each figure measured ``--rounds`` times (interleaved) and the median reported:
+- (a) the file path alone: the real folder run (read, reorient, normalize, resize in, resize out,
+  denormalize, write with sidecar) with the generator replaced by the identity, one volume after
+  the other (``--io-workers 0``, one core) and streaming with ``--io-workers`` threads;
+- (b) the model alone: ``translate_slices`` on the normalized slices of the first
+  ``--model-volumes`` volumes, decoded beforehand;
+- (c) the one-at-a-time run (``--io-workers 0``), the path before streaming;
+- (d) the streaming run (``--io-workers N``);
+and the ratios d/c and the overlap efficiency d / min(a, b), with the peak RSS of each run
+(sampled every 20 ms from /proc/self/status). ``--levels`` also times nibabel's gzip levels on
+one translated output (size against time).
+
+    .venv/bin/python bench/folder.py --preset small --volumes 16 --rounds 3
+    .venv/bin/python bench/folder.py --small          # 4 volumes of depth 80-100, 2 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it, before torch loads OpenMP
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from targan_cli.config import PRESETS, WeightsConfig, official_modalities, preset  # noqa: E402
+from targan_cli.core.device import configure_process  # noqa: E402
+from targan_cli.core.inference import translate_slices  # noqa: E402
+from targan_cli.core.intensity import normalize  # noqa: E402
+from targan_cli.core.networks import Generator  # noqa: E402
+from targan_cli.io.pipeline import default_workers  # noqa: E402
+from targan_cli.io.volume import list_volumes, read_volume, to_slices  # noqa: E402
+from targan_cli.io.weights import load_weights, save_weights  # noqa: E402
+from targan_cli.workflows.translate import translate  # noqa: E402
+
+MIB = 1024**2
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--volumes", type=int, default=16)
+    parser.add_argument("--side", type=int, default=512)
+    parser.add_argument("--depth", type=int, nargs=2, default=(80, 120), metavar=("MIN", "MAX"))
+    parser.add_argument("--small", action="store_true", help="a quick run: 4 volumes of depth 80-100, 2 rounds")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--io-workers", type=int, default=default_workers(), help="threads of the streaming runs")
+    parser.add_argument("--model-volumes", type=int, default=2, help="volumes the model alone (b) translates")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--levels", action="store_true", help="also time gzip levels 1, 3, 6, 9 of one output")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/targan-bench-folder"))
+    args = parser.parse_args()
+    if args.small:
+        args.volumes, args.depth, args.rounds = 4, (80, 100), 2
+    return args
+
+
+def ct_volume(side: int, depth: int, seed: int) -> np.ndarray:
+    """An int16 HU volume (side, side, depth): air around an elliptic body of soft tissue and bone."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[-1:1:side * 1j, -1:1:side * 1j]
+    body = (rows / 0.7) ** 2 + (cols / 0.9) ** 2 <= 1
+    bone = (rows / 0.15) ** 2 + ((cols - 0.1) / 0.15) ** 2 <= 1
+    volume = np.full((side, side, depth), -1000, dtype=np.int16)
+    for index in range(depth):
+        plane = rng.normal(40, 20, (side, side)).astype(np.int16)
+        plane[bone] += 700
+        volume[:, :, index] = np.where(body, plane, -1000)
+    return volume
+
+
+def write_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The folder of volumes and random weights, reused when this shape was generated before."""
+    folder = args.workdir / f"cases-{args.volumes}x{args.side}-{args.depth[0]}-{args.depth[1]}"
+    if not folder.exists():
+        temporary = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        depths = np.linspace(args.depth[0], args.depth[1], args.volumes).round().astype(int)
+        for index, depth in enumerate(depths):
+            nib.save(nib.Nifti1Image(ct_volume(args.side, int(depth), index), np.diag([0.7, 0.7, 2.5, 1.0])),
+                     temporary / f"case{index:03d}.nii.gz")
+        temporary.rename(folder)
+    weights = args.workdir / f"weights-{args.preset}"
+    if not weights.exists():
+        torch.manual_seed(0)
+        generator = Generator(preset(args.preset))
+        config = WeightsConfig(model=generator.config, modalities=official_modalities(), preset=args.preset,
+                               provenance={"source": "bench/folder.py", "weights": "random"})
+        save_weights(weights, generator, config)
+    return folder, weights
+
+
+class PeakRss:
+    """The peak resident set size of this process while the block runs, sampled every 20 ms."""
+
+    def __enter__(self) -> PeakRss:
+        self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+
+def identity(self: Generator, x: torch.Tensor, target: torch.Tensor, area: torch.Tensor | None = None):
+    return x
+
+
+def folder_run(folder: Path, weights: Path, output: Path, workers: int, batch_size: int,
+               model: bool = True) -> tuple[float, int]:
+    """Slices/s and peak RSS of one real folder run (the identity generator when not ``model``)."""
+    shutil.rmtree(output, ignore_errors=True)
+    forward = Generator.forward
+    if not model:
+        Generator.forward = identity
+    try:
+        with PeakRss() as memory:
+            result = translate(folder, output, to="t2w", source="ct", weights=weights, device="cpu",
+                               batch_size=batch_size, io_workers=workers, command_line="bench/folder.py")
+    finally:
+        Generator.forward = forward
+    return result.slices / result.seconds, memory.peak
+
+
+def model_alone(folder: Path, weights: Path, volumes: int, batch_size: int) -> tuple[float, int]:
+    """Slices/s of ``translate_slices`` on slices normalized beforehand."""
+    loaded = load_weights(weights, None, torch.device("cpu"))
+    settings = loaded.config.intensity("ct")
+    slices = np.concatenate([normalize(to_slices(read_volume(path))[0], settings)
+                             for path in list_volumes(folder)[:volumes]])
+    target = loaded.config.modality_index("t2w")
+    with PeakRss() as memory:
+        started = time.perf_counter()
+        translate_slices(loaded.generator, slices, target, batch_size=batch_size)
+        seconds = time.perf_counter() - started
+    return len(slices) / seconds, memory.peak
+
+
+def gzip_levels(output_folder: Path) -> None:
+    """Size and time of nibabel's save at a few gzip levels, for one translated output."""
+    path = sorted(output_folder.glob("*.nii.gz"))[0]
+    image = nib.load(path)
+    image = nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header)
+    raw = image.get_fdata(dtype=np.float32).nbytes
+    default = nib.openers.Opener.default_compresslevel
+    print(f"gzip levels on {path.name} ({raw / MIB:.0f} MiB raw, {image.get_data_dtype()}); nibabel's default {default}:")
+    for level in (0, 1, 3, 6, 9):
+        nib.openers.Opener.default_compresslevel = level
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            nib.save(image, output_folder / "level.nii.gz")
+            times.append(time.perf_counter() - started)
+        size = (output_folder / "level.nii.gz").stat().st_size
+        print(f"  level {level}: {size / MIB:7.1f} MiB ({size / raw:.2f} of raw), {min(times):.2f} s to write")
+    nib.openers.Opener.default_compresslevel = default
+    (output_folder / "level.nii.gz").unlink()
+
+
+def main() -> None:
+    args = parse_args()
+    configure_process()
+    folder, weights = write_inputs(args)
+    total = sum(nib.load(path).shape[2] for path in list_volumes(folder))
+    workers = args.io_workers
+    print(f"{args.volumes} volumes {args.side} x {args.side} x {args.depth[0]}-{args.depth[1]} ({total} slices), "
+          f"preset {args.preset}, batch {args.batch_size}, --io-workers {workers}, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    runs = {"a1": lambda: folder_run(folder, weights, args.workdir / "out", 0, args.batch_size, model=False),
+            f"a{workers}": lambda: folder_run(folder, weights, args.workdir / "out", workers, args.batch_size,
+                                              model=False),
+            "b": lambda: model_alone(folder, weights, args.model_volumes, args.batch_size),
+            "c": lambda: folder_run(folder, weights, args.workdir / "out", 0, args.batch_size),
+            "d": lambda: folder_run(folder, weights, args.workdir / "out", workers, args.batch_size)}
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    peaks: dict[str, int] = {name: 0 for name in runs}
+    for round_index in range(args.rounds):
+        for name, run in runs.items():
+            rate, peak = run()
+            rates[name].append(rate)
+            peaks[name] = max(peaks[name], peak)
+        print(f"round {round_index + 1}: " + ", ".join(f"{name} {values[-1]:.1f}" for name, values in rates.items()),
+              flush=True)
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    labels = {"a1": "(a) file path alone, one at a time", f"a{workers}": f"(a) file path alone, {workers} workers",
+              "b": "(b) model alone", "c": "(c) one at a time (--io-workers 0)",
+              "d": f"(d) streaming (--io-workers {workers})"}
+    for name, label in labels.items():
+        print(f"{label:40s} {median[name]:7.1f} slices/s (runs {', '.join(f'{v:.1f}' for v in rates[name])}), "
+              f"peak RSS {peaks[name] / MIB:.0f} MiB")
+    print(f"(d)/(c) {median['d'] / median['c']:.2f}x (target >= 1.25); overlap efficiency (d)/min((a), (b)) "
+          f"{median['d'] / min(median[f'a{workers}'], median['b']):.2f} with (a) at {workers} workers, "
+          f"{median['d'] / min(median['a1'], median['b']):.2f} with (a) one at a time (target >= 0.9); "
+          f"file path {workers} workers / one: {median[f'a{workers}'] / median['a1']:.2f}x (target >= 1.7)")
+    if args.levels:
+        folder_run(folder, weights, args.workdir / "out", workers, args.batch_size, model=False)
+        gzip_levels(args.workdir / "out")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""io/pipeline.py and translate's streaming folder runs: order, per-item errors, Ctrl-C, and outputs
+identical to the one-at-a-time path (real NIfTI files, tiny weights)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import targan_cli.workflows.translate as translate_module
+from targan_cli.cli import app
+from targan_cli.errors import TarganError
+from targan_cli.io.pipeline import stream
+from targan_cli.workflows.translate import translate
+from volume_factories import anatomy, canonical_affine, oriented, write_nifti
+from weights_factories import make_tiny_weights
+
+SHAPE = (5, 24, 20)  # canonical (Z, H, W)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny")
+
+
+def _pipeline_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith(("targan-read", "targan-write"))]
+
+
+def _slow(value: int) -> int:
+    time.sleep(random.Random(value).uniform(0, 0.01))
+    return value
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_outcomes_come_in_order_and_an_expected_error_fails_only_its_item(workers: int) -> None:
+    written: list[int] = []
+
+    def process(item: int, value: int) -> int:
+        if item == 4:
+            raise TarganError("item 4 is bad")
+        return value * 10
+
+    def write(item: int, value: int) -> int:
+        _slow(item + 100)
+        written.append(item)
+        return value + 1
+
+    outcomes = list(stream(range(9), _slow, process, write, workers=workers, expected=(TarganError,)))
+    assert [outcome.item for outcome in outcomes] == list(range(9))
+    assert [outcome.result for outcome in outcomes] == [item * 10 + 1 if item != 4 else None for item in range(9)]
+    assert [str(outcome.error) for outcome in outcomes if outcome.error is not None] == ["item 4 is bad"]
+    assert sorted(written) == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert not _pipeline_threads()
+
+
+def test_memory_stays_bounded_by_the_workers() -> None:
+    in_flight: list[int] = []
+    peak = [0]
+    lock = threading.Lock()
+
+    def read(item: int) -> int:
+        with lock:
+            in_flight.append(item)
+            peak[0] = max(peak[0], len(in_flight))
+        return _slow(item)
+
+    def write(item: int, value: int) -> None:
+        _slow(item + 50)
+        with lock:
+            in_flight.remove(item)
+
+    list(stream(range(30), read, lambda item, value: value, write, workers=2))
+    assert 2 <= peak[0] <= 2 * 2 + 1  # read ahead, being processed, waiting to be written
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupt_or_unexpected_error_stops_the_workers(error: type[BaseException]) -> None:
+    written: list[int] = []
+
+    def process(item: int, value: int) -> int:
+        if item == 3:
+            raise error()
+        return value
+
+    with pytest.raises(error):
+        for _ in stream(range(20), _slow, process, lambda item, value: written.append(item), workers=2,
+                        expected=(TarganError,)):
+            pass
+    assert 3 not in written and max(written) < 3  # nothing after the interrupt is written
+    assert not _pipeline_threads()  # no orphans
+
+
+# ----------------------------------------------------------------------------- translate folders
+
+
+def _folder(folder: Path, count: int = 4) -> Path:
+    folder.mkdir()
+    canonical = anatomy((SHAPE[0] + 1, *SHAPE[1:]))
+    for index in range(count):
+        array, affine = oriented(canonical[index % 2:] + index, ("RAS", "LPS", "ASL")[index % 3])
+        write_nifti(folder / f"case{index}.nii.gz", array, affine)
+    return folder
+
+
+def _without_times(sidecar: Path) -> dict:
+    record = json.loads(sidecar.read_text())
+    del record["DateTimeUTC"]
+    return record
+
+
+def test_streaming_writes_the_same_outputs_as_one_at_a_time(tmp_path: Path, weights: Path) -> None:
+    cases = _folder(tmp_path / "cases")
+    results = {workers: translate(cases, tmp_path / f"out{workers}", to="t2w", source="ct", weights=weights,
+                                  device="cpu", io_workers=workers, command_line="targan translate")
+               for workers in (0, 2)}
+    assert [r.output.name for r in results[2].volumes] == [r.output.name for r in results[0].volumes] == [
+        f"case{index}.nii.gz" for index in range(4)]
+    assert results[2].slices == results[0].slices
+    for index in range(4):
+        sequential, streamed = tmp_path / "out0" / f"case{index}.nii.gz", tmp_path / "out2" / f"case{index}.nii.gz"
+        assert gzip.decompress(streamed.read_bytes()) == gzip.decompress(sequential.read_bytes())
+        assert _without_times(streamed.with_name(f"case{index}.json")) == _without_times(
+            sequential.with_name(f"case{index}.json"))
+
+
+def test_a_volume_that_fails_is_reported_and_the_others_are_written(tmp_path: Path, weights: Path) -> None:
+    cases = _folder(tmp_path / "cases", 3)
+    write_nifti(cases / "case1.nii.gz", np.full((20, 24, 5), 7, np.int16), canonical_affine(SHAPE))  # blank MR
+    for workers in (0, 2):
+        result = translate(cases, tmp_path / f"out{workers}", to="ct", source="t1w", weights=weights, device="cpu",
+                           io_workers=workers)
+        assert [report.status for report in result.volumes] == ["written", "failed", "written"]
+        assert "blank" in result.failed[0].note
+        assert sorted(p.name for p in (tmp_path / f"out{workers}").iterdir()) == [
+            "case0.json", "case0.nii.gz", "case2.json", "case2.nii.gz"]
+    outcome = CliRunner().invoke(app, ["translate", str(cases), "--to", "ct", "--from", "t1w", "-o",
+                                       str(tmp_path / "cli"), "--weights", str(weights), "--device", "cpu",
+                                       "--io-workers", "2"])
+    assert outcome.exit_code == 1
+    assert "failed" in outcome.output and "1 volume of 3 failed" in " ".join(outcome.output.split())
+    assert "Wrote 2 volumes" in outcome.output
+    assert (tmp_path / "cli" / "case2.nii.gz").exists() and not (tmp_path / "cli" / "case1.nii.gz").exists()
+
+
+def test_ctrl_c_in_a_folder_run_leaves_complete_outputs_only(tmp_path: Path, weights: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    cases = _folder(tmp_path / "cases", 5)
+    real = translate_module.synthesize
+    calls = [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(translate_module, "synthesize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        translate(cases, tmp_path / "out", to="t2w", source="ct", weights=weights, device="cpu", io_workers=2)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "case0.json", "case0.nii.gz", "case1.json", "case1.nii.gz"]  # no temporaries, no locks
+    assert not _pipeline_threads()
+
+
+def test_negative_io_workers_are_refused(tmp_path: Path, weights: Path) -> None:
+    cases = _folder(tmp_path / "cases", 1)
+    outcome = CliRunner().invoke(app, ["translate", str(cases), "--to", "t2w", "--from", "ct", "-o",
+                                       str(tmp_path / "out"), "--weights", str(weights), "--io-workers", "-1"])
+    assert outcome.exit_code == 2
+    assert "--io-workers must be 0 or more, not -1" in outcome.output
+    assert not (tmp_path / "out").exists()

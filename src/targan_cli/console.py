@@ -89,7 +89,8 @@ def _plain_progress(description: str, total: int | None, unit: str) -> Iterator[
                              "started": False}
 
     def line() -> None:
-        done = f"{state['completed']}/{state['total']}" if state["total"] is not None else str(state["completed"])
+        completed = f"{state['completed']:g}"  # a whole count, also when advanced by halves
+        done = f"{completed}/{state['total']}" if state["total"] is not None else completed
         status = f" ({state['status']})" if state["status"] else ""
         console.print(escape(f"{state['description']}: {done}{' ' + unit if unit else ''}{status}"), highlight=False)
 

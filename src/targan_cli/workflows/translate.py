@@ -669,7 +669,9 @@ def translate(
     total = (slice_frame(first[0].shape, first[0].affine, first[0].source).canonical_shape[0] if first is not None
              else sum(canonical_depth(path) for path, _, _ in todo))
     if total_callback is not None and todo:  # a part without files shows no (empty) progress
-        total_callback(total * (2 if qc else 1))
+        total_callback(total)
+    # Progress counts the input's slices: with QC each is run twice (there and back), half a slice each.
+    slice_progress = (lambda n: progress(n / 2)) if qc and progress is not None else progress
     written_preview = None
     notes: list[str] = []
     reports: dict[int, VolumeReport] = {}
@@ -689,7 +691,7 @@ def translate(
         choice = infer_source(loaded.config, volume, source, to,
                               lambda candidates: predict_source(loaded, volume, candidates))
         translation = synthesize(volume, loaded, choice.name, to, batch_size=batch_size, dtype=dtype,
-                                 progress=progress, qc=qc)
+                                 progress=slice_progress, qc=qc)
         return choice, translation, dicom
 
     def write_one(index: int, done: tuple) -> tuple[SourceChoice, Translation]:

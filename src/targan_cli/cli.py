@@ -53,18 +53,13 @@ def _check_json(path: Path | None, overwrite: bool, inputs: list[str | Path] = (
 
 def _write_json(data: object, path: Path | None, overwrite: bool) -> None:
     """``data`` as JSON: on stdout for '-', else to the file, atomically (strict JSON: nan is null)."""
-    import json
-
     from targan_cli.console import console, strong
-    from targan_cli.io.atomic import atomic_output
-    from targan_cli.workflows.evaluate import strict_json
+    from targan_cli.io.report import json_text, write_json
 
-    text = json.dumps(strict_json(data), indent=2, allow_nan=False, default=str) + "\n"
     if path == STDOUT:
-        console.out(text, end="", highlight=False)
+        console.out(json_text(data), end="", highlight=False)
     elif path is not None:
-        with atomic_output(path, overwrite=overwrite, kind="json") as temporary:
-            temporary.write_text(text, encoding="utf-8")
+        write_json(data, path, overwrite)
         console.print(f"Wrote {strong(path)}")
 
 

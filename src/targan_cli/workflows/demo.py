@@ -7,7 +7,6 @@ other modality -> paired metrics (body and liver) of the model and of the trivia
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
@@ -26,6 +25,7 @@ from targan_cli.data.phantom import phantom_steps, write_phantom_dataset
 from targan_cli.errors import counted
 from targan_cli.io.atomic import atomic_output, check_writable, made_by_targan, mark_folder
 from targan_cli.io.montage import describe_window, modality_window, save_montage
+from targan_cli.io.report import write_json as write_report
 from targan_cli.io.volume import read_volume, to_slices, write_volume
 from targan_cli.io.weights import CONFIG_FILE, WEIGHTS_FILE, Weights, load_weights, read_weights_config
 from targan_cli.workflows.evaluate import (EvaluationResult, beaten_columns, evaluate_models, generator_model,
@@ -328,6 +328,5 @@ def run_demo(out: str | Path = "targan-demo", *, device: str = "auto", quick: bo
         quick=quick)
     with atomic_output(out / REPORT, overwrite=True) as temporary:
         temporary.write_text(_report(result, settings, out), encoding="utf-8")
-    with atomic_output(out / SUMMARY, overwrite=True) as temporary:
-        temporary.write_text(json.dumps(demo_summary(result, settings), indent=2) + "\n", encoding="utf-8")
+    write_report(demo_summary(result, settings), out / SUMMARY, overwrite=True)
     return result

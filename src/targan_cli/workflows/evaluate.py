@@ -42,6 +42,7 @@ from targan_cli.data.dataset import PAIRED, Case, DataDir, open_data_dir
 from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output, check_writable, local_paths
 from targan_cli.io.features import feature_module_kind, inception_features, load_feature_module
+from targan_cli.io.report import write_json as write_report
 from targan_cli.io.volume import Volume, case_id, list_volumes, read_label, read_on_grid, read_volume, to_slices
 from targan_cli.io.weights import Weights, load_weights, weights_source
 from targan_cli.workflows.segment import (Segmenter, label_slices, load_segmenter,
@@ -730,17 +731,6 @@ def evaluate(
 # ----------------------------------------------------------------------------- outputs
 
 
-def strict_json(value: Any) -> Any:
-    """``value`` with every nan as None and every infinity as "inf" / "-inf": strict JSON has neither."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {key: strict_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(item) for item in value]
-    return value
-
-
 def result_to_dict(result: EvaluationResult) -> dict[str, Any]:
     """Everything needed to regenerate the table: versions, settings, summaries, every record."""
     return {
@@ -763,10 +753,7 @@ def result_to_dict(result: EvaluationResult) -> dict[str, Any]:
 
 def write_json(result: EvaluationResult, path: str | Path, overwrite: bool = False) -> Path:
     """The result as strict JSON (``result_to_dict``; nan -> null, inf -> "inf"), written atomically."""
-    text = json.dumps(strict_json(result_to_dict(result)), indent=2, allow_nan=False, default=str) + "\n"
-    with atomic_output(path, overwrite=overwrite, kind="json") as temporary:
-        temporary.write_text(text, encoding="utf-8")
-    return Path(path)
+    return write_report(result_to_dict(result), path, overwrite)
 
 
 CSV_FIELDS = ("model", "case", "source", "target", "metric", "region", "value")

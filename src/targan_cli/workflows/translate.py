@@ -439,14 +439,12 @@ def _read(path: Path, series: str | None) -> tuple[Volume, DicomSeries | None]:
 
 def weights_label(weights: Weights) -> str:
     """Where the weights came from, for a derived series' description: repo@commit, or the folder."""
-    provenance = weights.config.provenance
-    if provenance.get("hub_repo"):
-        revision = provenance.get("hub_commit") or provenance.get("hub_revision") or "main"
-        return f"{provenance['hub_repo']}@{revision}"
-    return str(weights.folder)
+    repo = weights.config.provenance.get("hub_repo")
+    return f"{repo}@{_revision(weights)}" if repo else str(weights.folder)
 
 
 def _revision(weights: Weights) -> str:
+    """The Hub commit (or the revision asked for) of weights from the Hub; "local folder" otherwise."""
     provenance = weights.config.provenance
     if provenance.get("hub_repo"):
         return str(provenance.get("hub_commit") or provenance.get("hub_revision") or "main")

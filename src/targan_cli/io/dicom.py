@@ -33,7 +33,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output, check_writable
-from targan_cli.io.volume import _INT16_RANGE, NIFTI_SUFFIXES, Volume, _reason
+from targan_cli.io.volume import INT16_RANGE, NIFTI_SUFFIXES, Volume, error_reason
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 # No CT or MR slice is this large (a 65535 x 65535 declaration is a damaged or hostile header).
@@ -73,7 +73,7 @@ def _header(path: Path) -> pydicom.Dataset | None:
         dataset = pydicom.dcmread(path, force=not magic, defer_size=_DEFER_BYTES)
     except Exception as error:  # pydicom raises many types for a damaged file
         if magic:
-            raise TarganError(f"cannot read this DICOM file ({_reason(error)})", path) from None
+            raise TarganError(f"cannot read this DICOM file ({error_reason(error)})", path) from None
         return None
     if magic:
         return dataset
@@ -307,7 +307,7 @@ def _read_dicom_slice(file: Path, dataset: pydicom.Dataset) -> _DicomSlice:
         slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
     except (TypeError, ValueError) as error:
-        raise TarganError(f"has a malformed geometry, size or rescale tag ({_reason(error)})", file) from None
+        raise TarganError(f"has a malformed geometry, size or rescale tag ({error_reason(error)})", file) from None
     if frames > 1:
         raise TarganError("is a multi-frame DICOM file; only one-slice-per-file series are supported", file)
     if samples != 1:
@@ -428,7 +428,7 @@ def _stack_pixels(slices: list[_DicomSlice]) -> np.ndarray:
         array[:, :, index] = (pixels.astype(np.float64) * item.slope + item.intercept).T
         del item.dataset.PixelData  # and pydicom's decoded copy: only the header is kept
     integral = all(float(s.slope).is_integer() and float(s.intercept).is_integer() for s in slices)
-    if integral and _INT16_RANGE[0] <= array.min() and array.max() <= _INT16_RANGE[1]:
+    if integral and INT16_RANGE[0] <= array.min() and array.max() <= INT16_RANGE[1]:
         return array.astype(np.int16)
     return array
 
@@ -448,7 +448,7 @@ def _decode_problem(dataset: pydicom.Dataset, error: BaseException) -> str:
             packages = "; ".join(line.replace("gdcm - requires gdcm", "gdcm - requires python-gdcm")
                                  for line in decoder.missing_dependencies)
             return f"its pixel data is in {syntax.name} ({syntax}) and no installed decoder reads it; install one of: {packages}"
-    return f"cannot decode the pixel data ({_reason(error)})"
+    return f"cannot decode the pixel data ({error_reason(error)})"
 
 
 # ----------------------------------------------------------------------------- writing
@@ -505,7 +505,7 @@ def quantise(array: np.ndarray) -> Quantisation:
     if not np.all(np.isfinite(array)):
         raise ValueError("cannot store NaN or infinite values")
     low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
-    if np.all(np.mod(array, 1) == 0) and _INT16_RANGE[0] <= low and high <= _INT16_RANGE[1]:
+    if np.all(np.mod(array, 1) == 0) and INT16_RANGE[0] <= low and high <= INT16_RANGE[1]:
         return Quantisation(array.astype(np.int16), 1.0, 0.0)
     intercept = float(_decimal(low))
     slope = float(_decimal((high - intercept) / _UINT16_MAX)) if high > intercept else 1.0

@@ -26,7 +26,7 @@ CANONICAL_AXCODES = ("S", "P", "L")
 # Deflate cannot compress better than about 1032:1, so a .nii.gz smaller than this fraction of
 # its declared data cannot hold it.
 _MAX_DEFLATE_RATIO = 1032
-_INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
+INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
 # A slice is padded to a square for the networks: at most this many bytes (float32) per slice,
 # 16384 x 16384. An absurd shape (1 x 200000 x 1) is refused before the square is allocated.
 _MAX_SLICE_BYTES = 1 << 30
@@ -159,7 +159,7 @@ def _read_nifti(path: Path) -> Volume:
         with quiet_logger(_NIBABEL_LOGGER):
             image = nib.load(path)
     except Exception as error:
-        raise TarganError(f"not a readable NIfTI file ({_reason(error)})", path) from None
+        raise TarganError(f"not a readable NIfTI file ({error_reason(error)})", path) from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise TarganError(f"not a NIfTI image (nibabel reads it as {type(image).__name__})", path)
     header = image.header
@@ -176,7 +176,7 @@ def _read_nifti(path: Path) -> Volume:
         array = np.asanyarray(image.dataobj)
     except Exception as error:
         raise TarganError(
-            f"cannot read the voxel data, the file is damaged or truncated ({_reason(error)})", path
+            f"cannot read the voxel data, the file is damaged or truncated ({error_reason(error)})", path
         ) from None
     array = np.asarray(array).reshape(shape)
     if array.dtype == np.bool_:
@@ -220,7 +220,8 @@ def _check_declared_size(path: Path, header: nib.Nifti1Header, shape: tuple[int,
                           f"memory ({_gib(memory)}); refused before allocating it", path)
 
 
-def _reason(error: BaseException) -> str:
+def error_reason(error: BaseException) -> str:
+    """A library exception in one line for a user error: its type and the first line of its text."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
@@ -294,7 +295,7 @@ def _output_array(array: np.ndarray, label: bool) -> np.ndarray:
         if not integral or low < 0 or high > 255:
             raise ValueError(f"a label volume needs integers in [0, 255], got values in [{low}, {high}]")
         return array.astype(np.uint8)
-    if integral and _INT16_RANGE[0] <= low and high <= _INT16_RANGE[1]:
+    if integral and INT16_RANGE[0] <= low and high <= INT16_RANGE[1]:
         return array.astype(np.int16)
     return array.astype(np.float32)
 

@@ -26,6 +26,7 @@ import shutil
 import statistics
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it, before torch loads OpenMP
@@ -40,7 +41,7 @@ from targan_cli.core.inference import translate_slices  # noqa: E402
 from targan_cli.core.intensity import normalize  # noqa: E402
 from targan_cli.core.networks import Generator  # noqa: E402
 from targan_cli.io.pipeline import default_workers  # noqa: E402
-from targan_cli.io.volume import list_volumes, read_volume, to_slices  # noqa: E402
+from targan_cli.io.volume import GZIP_LEVEL, list_volumes, read_volume, save_nifti, to_slices  # noqa: E402
 from targan_cli.io.weights import load_weights, save_weights  # noqa: E402
 from targan_cli.workflows.translate import translate  # noqa: E402
 
@@ -162,24 +163,34 @@ def model_alone(folder: Path, weights: Path, volumes: int, batch_size: int) -> t
 
 
 def gzip_levels(output_folder: Path) -> None:
-    """Size and time of nibabel's save at a few gzip levels, for one translated output."""
+    """Size and time of one translated output written at each gzip level: zlib's through nibabel's
+    own save, ISA-L's through targan's (``save_nifti``)."""
     path = sorted(output_folder.glob("*.nii.gz"))[0]
     image = nib.load(path)
     image = nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header)
     raw = image.get_fdata(dtype=np.float32).nbytes
     default = nib.openers.Opener.default_compresslevel
-    print(f"gzip levels on {path.name} ({raw / MIB:.0f} MiB raw, {image.get_data_dtype()}); nibabel's default {default}:")
-    for level in (0, 1, 3, 6, 9):
+    print(f"gzip levels on {path.name} ({raw / MIB:.0f} MiB raw, {image.get_data_dtype()}); nibabel's default "
+          f"{default}, targan's ISA-L level {GZIP_LEVEL}:")
+    target = output_folder / "level.nii.gz"
+
+    def zlib(level: int) -> None:
         nib.openers.Opener.default_compresslevel = level
+        nib.save(image, target)
+
+    writers = [(f"zlib level {level}", partial(zlib, level)) for level in (1, 6, 9)]
+    writers += [(f"ISA-L level {level}", partial(save_nifti, image, target, level)) for level in (0, 1, 2, 3)]
+    for label, write in writers:
         times = []
-        for _ in range(2):
+        for _ in range(3):
             started = time.perf_counter()
-            nib.save(image, output_folder / "level.nii.gz")
+            write()
             times.append(time.perf_counter() - started)
-        size = (output_folder / "level.nii.gz").stat().st_size
-        print(f"  level {level}: {size / MIB:7.1f} MiB ({size / raw:.2f} of raw), {min(times):.2f} s to write")
+        size = target.stat().st_size
+        print(f"  {label:14s} {size / MIB:7.1f} MiB ({size / raw:.3f} of raw), {statistics.median(times):.2f} s to "
+              "write (median of 3)")
     nib.openers.Opener.default_compresslevel = default
-    (output_folder / "level.nii.gz").unlink()
+    target.unlink()
 
 
 def main() -> None:

@@ -129,6 +129,26 @@ def test_body_mask_drops_speckle_and_fills_holes() -> None:
     assert np.array_equal(mask[0], ellipse)
 
 
+def test_body_mask_equals_scipys_fill_holes_on_random_planes() -> None:
+    """The region filter and hole filling against scipy's own: label, keep regions of at least
+    min_fraction of the largest, ``ndimage.binary_fill_holes`` (4-connected), slice by slice."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        shape = (int(rng.integers(1, 5)), int(rng.integers(1, 25)), int(rng.integers(1, 25)))
+        normalized = np.where(rng.random(shape) < rng.uniform(0.2, 0.8), 0.5, -1.0).astype(np.float32)
+        min_fraction = 0.0 if trial % 10 == 0 else float(rng.uniform(0, 0.6))
+        expected = np.zeros(shape, dtype=bool)
+        for index, plane in enumerate(normalized > -0.9):
+            labels, count = ndimage.label(plane)
+            if count:
+                sizes = ndimage.sum_labels(plane, labels, np.arange(1, count + 1))
+                kept = np.isin(labels, 1 + np.flatnonzero(sizes >= min_fraction * sizes.max()))
+                expected[index] = ndimage.binary_fill_holes(kept)
+        assert np.array_equal(body_mask(normalized, min_fraction=min_fraction), expected), trial
+
+
 def test_body_mask_keeps_both_legs_and_handles_empty_slices() -> None:
     normalized = -np.ones((2, 10, 20), np.float32)
     normalized[0, 2:8, 1:8] = 0.5  # one leg (42 pixels)

@@ -260,6 +260,24 @@ def test_files_that_are_not_nifti_are_refused(tmp_path: Path, name: str, content
     assert error.value.path == path
 
 
+def test_gzip_outputs_are_standard_deterministic_and_read_back_exactly(tmp_path: Path) -> None:
+    """A written .nii.gz (deflated by ISA-L) is a plain gzip stream: Python's gzip module inflates it
+    to the very bytes of the uncompressed .nii, its header names no file and no time (equal images,
+    equal files), and a .nii.gz deflated by zlib (nibabel's own save) reads back to the same voxels."""
+    rng = np.random.default_rng(3)
+    volume = Volume(rng.normal(300, 80, (40, 30, 12)).astype(np.float32), np.diag([0.8, 0.8, 2.5, 1.0]))
+    first, second, plain = (write_volume(tmp_path / name, volume) for name in ("a.nii.gz", "b.nii.gz", "c.nii"))
+    compressed = first.read_bytes()
+    assert compressed[:3] == b"\x1f\x8b\x08" and compressed[3] & 0x08 == 0  # gzip, deflate, no file name
+    assert int.from_bytes(compressed[4:8], "little") == 0  # no time
+    assert compressed == second.read_bytes()
+    assert gzip.decompress(compressed) == plain.read_bytes()
+    by_zlib = tmp_path / "zlib.nii.gz"
+    nib.save(nib.load(plain), by_zlib)
+    for path in (first, by_zlib):
+        assert np.array_equal(read_volume(path).array, volume.array)
+
+
 def test_truncated_gzip_is_refused(tmp_path: Path) -> None:
     full = write_nifti(tmp_path / "full.nii.gz", anatomy((8, 16, 16), seed=3), np.eye(4))
     data = full.read_bytes()

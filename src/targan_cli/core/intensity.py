@@ -105,7 +105,8 @@ def body_mask(normalized: np.ndarray, threshold: float = BODY_THRESHOLD,
 
     ``normalized`` is in [-1, 1]. In each slice the connected regions above ``threshold`` that
     are at least ``min_fraction`` of the largest one are kept, then enclosed holes (gas, lungs)
-    are filled.
+    are filled: the background regions that do not touch the slice's edge (4-connected, as
+    ``ndimage.binary_fill_holes``, which does the same by repeated dilation, 3x slower).
     """
     if normalized.ndim != 3:
         raise ValueError(f"body_mask needs (Z, H, W) slices, got shape {normalized.shape}")
@@ -114,10 +115,23 @@ def body_mask(normalized: np.ndarray, threshold: float = BODY_THRESHOLD,
         labels, count = ndimage.label(plane)
         if count == 0:
             continue
-        sizes = np.bincount(labels.ravel())[1:]  # (count,) pixels per region
-        keep = np.flatnonzero(sizes >= min_fraction * sizes.max()) + 1
-        mask[index] = ndimage.binary_fill_holes(np.isin(labels, keep))
+        if count > 1:
+            sizes = np.bincount(labels.ravel())  # pixels per region, the background's first
+            keep = sizes >= min_fraction * sizes[1:].max()
+            keep[0] = False
+            plane = keep[labels]
+        mask[index] = _fill_holes(plane)
     return mask
+
+
+def _fill_holes(plane: np.ndarray) -> np.ndarray:
+    """``plane`` (H, W) with every background region that does not touch its edge filled."""
+    background, regions = ndimage.label(~plane)
+    outside = np.zeros(regions + 1, dtype=bool)
+    for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
+        outside[edge] = True
+    outside[0] = False  # label 0 is the plane itself
+    return ~outside[background]
 
 
 QUANTILES = 1001  # points of an intensity distribution's quantile function (every 0.1 %)
@@ -177,7 +191,7 @@ def guess_kind(values: np.ndarray) -> str | None:
     within 5 % of the 99th percentile's level), with a bright tail well above the median (a
     body's signal over a dark background).
     """
-    flat = np.asarray(values).ravel()
+    flat = np.asarray(values).ravel(order="K")  # memory order: no copy of a Fortran-ordered volume
     flat = flat[:: max(1, flat.size // _GUESS_VOXELS)].astype(np.float64)  # an even sample is enough
     flat = flat[np.isfinite(flat)]
     if flat.size == 0:

@@ -11,11 +11,15 @@ process, each figure measured ``--rounds`` times (interleaved) and the median re
 - (c) the one-at-a-time run (``--io-workers 0``), the path before streaming;
 - (d) the streaming run (``--io-workers N``);
 and the ratios d/c and the overlap efficiency d / min(a, b), with the peak RSS of each run
-(sampled every 20 ms from /proc/self/status). ``--levels`` also times nibabel's gzip levels on
-one translated output (size against time).
+(sampled every 20 ms from /proc/self/status). ``--levels`` also times zlib's and ISA-L's gzip
+levels on one translated output (size against time). ``--compare-src DIR`` times the file path
+alone, one volume at a time on one thread, of this tree and of another checkout's ``src/`` (an
+older commit: ``git worktree add /tmp/old 54cf249``), each in a fresh subprocess, alternating,
+``--rounds`` times, and prints the medians and their ratio.
 
     .venv/bin/python bench/folder.py --preset small --volumes 16 --rounds 3
     .venv/bin/python bench/folder.py --small          # 4 volumes of depth 80-100, 2 rounds
+    .venv/bin/python bench/folder.py --small --compare-src /tmp/old/src
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from functools import partial
@@ -61,6 +67,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--levels", action="store_true", help="also time gzip levels 1, 3, 6, 9 of one output")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/targan-bench-folder"))
+    parser.add_argument("--compare-src", type=Path, help="only time the file path of this tree against that of "
+                                                          "another checkout's src/ folder")
     args = parser.parse_args()
     if args.small:
         args.volumes, args.depth, args.rounds = 4, (80, 100), 2
@@ -193,10 +201,53 @@ def gzip_levels(output_folder: Path) -> None:
     target.unlink()
 
 
+# One file-path run on one thread, one volume at a time, of whichever targan_cli PYTHONPATH names
+# (an older tree lacks --io-workers and io.pipeline): the identity generator, translate's defaults.
+FILE_PATH_ONCE = """
+import inspect, os, shutil, sys, time
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+from targan_cli.core.device import configure_process
+from targan_cli.core.networks import Generator
+from targan_cli.workflows.translate import translate
+configure_process()
+torch.set_num_threads(1)
+folder, weights, output = sys.argv[1:4]
+Generator.forward = lambda self, x, target, area=None: x
+options = {"io_workers": 0} if "io_workers" in inspect.signature(translate).parameters else {}
+shutil.rmtree(output, ignore_errors=True)
+started = time.perf_counter()
+result = translate(folder, output, to="t2w", source="ct", weights=weights, device="cpu", batch_size=16, **options)
+print(result.slices / (time.perf_counter() - started))
+"""
+
+
+def compare_trees(args: argparse.Namespace, folder: Path, weights: Path) -> None:
+    """The file path of this tree against another tree's, in alternating fresh subprocesses."""
+    here = Path(__file__).resolve().parents[1] / "src"
+    trees = {"this tree": here, "other tree": args.compare_src.resolve()}
+    rates: dict[str, list[float]] = {name: [] for name in trees}
+    for _ in range(args.rounds):
+        for name, source in trees.items():
+            environment = dict(os.environ, PYTHONPATH=str(source))
+            command = [sys.executable, "-c", FILE_PATH_ONCE, str(folder), str(weights), str(args.workdir / "out")]
+            done = subprocess.run(command, env=environment, capture_output=True, text=True, check=True)
+            rates[name].append(float(done.stdout.split()[-1]))
+        print(", ".join(f"{name} {values[-1]:.1f}" for name, values in rates.items()), flush=True)
+    for name, source in trees.items():
+        print(f"file path alone, one thread, {name} ({source}): {statistics.median(rates[name]):.1f} slices/s "
+              f"(runs {', '.join(f'{v:.1f}' for v in rates[name])})")
+    print(f"ratio this / other: {statistics.median(rates['this tree']) / statistics.median(rates['other tree']):.2f}x "
+          "(target >= 2 against 54cf249)")
+
+
 def main() -> None:
     args = parse_args()
     configure_process()
     folder, weights = write_inputs(args)
+    if args.compare_src:
+        compare_trees(args, folder, weights)
+        return
     total = sum(nib.load(path).shape[2] for path in list_volumes(folder))
     workers = args.io_workers
     print(f"{args.volumes} volumes {args.side} x {args.side} x {args.depth[0]}-{args.depth[1]} ({total} slices), "

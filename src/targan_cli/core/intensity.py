@@ -45,26 +45,37 @@ def normalize(slices: np.ndarray, settings: IntensitySettings) -> np.ndarray:
     Pass the whole volume: MR ``scaling="volume"`` takes its scale from all the slices given.
     """
     values = np.asarray(slices, dtype=np.float32)
+    # In place on one new array (a volume is large): the same float32 operations as from_unit.
     if settings.kind == "ct":
         low, high = settings.window
-        unit = np.clip((values - low) / (high - low), 0.0, 1.0)  # clip last: rounding cannot leave [0, 1]
+        unit = values - low
+        unit /= high - low
     elif settings.scaling == "volume":
-        unit = np.clip(values / robust_high(values, settings), 0.0, 1.0)
+        unit = values / robust_high(values, settings)
     else:
         unit = _official_slice_scaling(values, settings.noise_floor)
-    return from_unit(unit).astype(np.float32)
+    np.clip(unit, 0.0, 1.0, out=unit)  # clip last: rounding cannot leave [0, 1]
+    unit *= 2.0
+    unit -= 1.0
+    return unit
 
 
 def denormalize(values: np.ndarray, settings: IntensitySettings) -> np.ndarray:
     """Model values in [-1, 1] (clipped) -> float32 stored units: HU for CT, [0, reference_high] for MR."""
-    unit = to_unit(np.clip(np.asarray(values, dtype=np.float32), -1.0, 1.0))
-    if settings.kind == "ct":
-        low, high = settings.window
-        return (unit * (high - low) + low).astype(np.float32)
-    if settings.reference_high is None:
+    if settings.kind != "ct" and settings.reference_high is None:
         raise TarganError("these MR intensity settings have no reference_high, so outputs cannot be mapped "
                           "back to MR intensities; the weights must be trained or converted with one")
-    return (unit * settings.reference_high).astype(np.float32)
+    # In place on one new array (a volume is large): the same float32 operations as to_unit.
+    unit = np.clip(np.asarray(values, dtype=np.float32), -1.0, 1.0)
+    unit += 1.0
+    unit /= 2.0
+    if settings.kind == "ct":
+        low, high = settings.window
+        unit *= high - low
+        unit += low
+    else:
+        unit *= settings.reference_high
+    return unit
 
 
 def robust_high(slices: np.ndarray, settings: IntensitySettings) -> float:

@@ -156,7 +156,7 @@ def test_a_volume_that_fails_is_reported_and_the_others_are_written(tmp_path: Pa
 def test_ctrl_c_in_a_folder_run_leaves_complete_outputs_only(tmp_path: Path, weights: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     cases = _folder(tmp_path / "cases", 5)
-    real = translate_module.synthesize
+    real = translate_module.run_model
     calls = [0]
 
     def interrupted(*args, **kwargs):
@@ -165,7 +165,7 @@ def test_ctrl_c_in_a_folder_run_leaves_complete_outputs_only(tmp_path: Path, wei
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(translate_module, "synthesize", interrupted)
+    monkeypatch.setattr(translate_module, "run_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
         translate(cases, tmp_path / "out", to="t2w", source="ct", weights=weights, device="cpu", io_workers=2)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [

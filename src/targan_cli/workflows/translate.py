@@ -37,7 +37,8 @@ from targan_cli.io.dicom import (SERIES_KIND, DicomSeries, check_series_folder, 
 from targan_cli.io.montage import describe_window, modality_window, save_montage
 from targan_cli.io.pipeline import default_workers, stream
 from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, canonical_depth, case_id, check_nifti_output, from_slices,
-                                  is_volume_path, list_volumes, read_volume, save_volume, slice_frame, to_slices)
+                                  is_volume_path, list_volumes, read_volume, save_volume, SliceFrame, slice_frame,
+                                  to_slices)
 from targan_cli.io.provenance import (RUN_KEY, OutputState, output_state, read_sidecar, sha256_file, sidecar_path,
                                       synthetic_descrip, synthetic_intent_name, write_with_sidecar)
 from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights, weights_source
@@ -299,16 +300,33 @@ def predict_source(weights: Weights, volume: Volume, candidates: list[str]) -> S
     return SourceChoice(best[1], f"the modality check predicts {best[1]} on {best[0]:.0%} of the body slices")
 
 
-def synthesize(volume: Volume, weights: Weights, source: str, target: str, *, batch_size: int,
-               dtype: torch.dtype | None, progress: Callable[[int], None] | None = None,
-               qc: bool = False) -> Translation:
-    """``volume`` translated to ``target`` with what its sidecar records: the clipping and, with
-    ``qc``, the cycle score (a second generator pass, back to ``source``)."""
-    config = weights.config
-    source_settings, target_settings = config.intensity(source), config.intensity(target)
+@dataclass(eq=False)
+class Prepared:
+    """A volume normalized for the generator, with what its record needs from before the model
+    (``prepare``); the model runs on ``normalized`` in place (``run_model``), then ``finish``
+    makes the translated volume. The first and last steps are NumPy only, so that a folder run
+    does them on its reader and writer threads while the model runs on another volume."""
+
+    volume: Volume
+    source: str
+    target: str
+    frame: SliceFrame
+    shown: list[int]
+    input_preview: np.ndarray  # (len(shown), H, W) stored units
+    normalized: np.ndarray  # (Z, H, W) [-1, 1]: the input, then the generator's output
+    span: float | None
+    body: np.ndarray  # (Z, H, W) bool
+    input_clipped: float | None
+    source_normalized: np.ndarray | None = None  # the input kept for the cycle score (QC)
+    quality: Quality | None = None
+
+
+def prepare(volume: Volume, config: WeightsConfig, source: str, target: str, qc: bool = False) -> Prepared:
+    """``volume`` as canonical slices normalized as ``source``, with its body mask and clipping."""
+    source_settings = config.intensity(source)
+    config.intensity(target)
     slices, frame = to_slices(volume)  # (Z, H, W) stored units
     shown = _preview_indices(slices.shape[0])
-    input_preview = slices[shown]
     try:
         normalized = normalize(slices, source_settings)
         span = (source_settings.window[1] - source_settings.window[0] if source_settings.kind == "ct" else
@@ -316,36 +334,65 @@ def synthesize(volume: Volume, weights: Weights, source: str, target: str, *, ba
     except TarganError as error:  # e.g. a blank MR volume: name the file
         raise TarganError(error.message, error.path or volume.source, error.exit_code) from None
     body = body_mask(normalized)  # (Z, H, W) bool
-    input_clipped = _input_clipping(slices, normalized, body, source_settings)
-    source_normalized = normalized.copy() if qc else None
-    vote = _modality_vote(weights, normalized, body, batch_size) if qc else None
     # Only one volume-sized float array lives while the generator runs (without QC): the slices are
-    # dropped and the output overwrites the normalized input batch by batch.
-    del slices
+    # dropped here and the output overwrites the normalized input batch by batch.
+    return Prepared(volume, source, target, frame, shown, slices[shown], normalized, span, body,
+                    _input_clipping(slices, normalized, body, source_settings),
+                    normalized.copy() if qc else None)
+
+
+def run_model(prepared: Prepared, weights: Weights, *, batch_size: int, dtype: torch.dtype | None,
+              progress: Callable[[int], None] | None = None) -> None:
+    """The generator on ``prepared.normalized`` (in place); with QC, the modality check and the cycle
+    (the output translated back to the source, compared with the input in the body) after it."""
+    config = weights.config
     device = generator_device(weights.generator)
-    translate_slices(weights.generator, normalized, config.modality_index(target), batch_size=batch_size,
-                     device=device, dtype=dtype, progress=progress, out=normalized)
-    output_clipped = clipped_fraction(normalized, body, -1.0 + _LIMIT_TOLERANCE, 1.0 - _LIMIT_TOLERANCE)
-    output = denormalize(normalized, target_settings)  # (Z, H, W) target units
-    quality = None
-    if source_normalized is not None:
-        # The cycle: the output translated back to the source, compared with the input in the body.
-        translate_slices(weights.generator, normalized, config.modality_index(source), batch_size=batch_size,
-                         device=device, dtype=dtype, progress=progress, out=normalized)
-        per_slice, volume_error = cycle_errors(source_normalized, normalized, body)
-        body_fraction = float(body.mean())
-        unit = "HU" if source_settings.kind == "ct" else "MR units" if span is not None else ""
-        quality = Quality(grade(per_slice, volume_error, body_fraction, vote, source), volume_error, per_slice,
-                          span, unit, body_fraction, vote)
-        del source_normalized
-    del normalized
+    qc = prepared.source_normalized is not None
+    vote = _modality_vote(weights, prepared.normalized, prepared.body, batch_size) if qc else None
+    translate_slices(weights.generator, prepared.normalized, config.modality_index(prepared.target),
+                     batch_size=batch_size, device=device, dtype=dtype, progress=progress, out=prepared.normalized)
+    if not qc:
+        return
+    cycled = np.empty_like(prepared.normalized)
+    translate_slices(weights.generator, prepared.normalized, config.modality_index(prepared.source),
+                     batch_size=batch_size, device=device, dtype=dtype, progress=progress, out=cycled)
+    per_slice, volume_error = cycle_errors(prepared.source_normalized, cycled, prepared.body)
+    body_fraction = float(prepared.body.mean())
+    source_settings = config.intensity(prepared.source)
+    unit = "HU" if source_settings.kind == "ct" else "MR units" if prepared.span is not None else ""
+    prepared.quality = Quality(grade(per_slice, volume_error, body_fraction, vote, prepared.source), volume_error,
+                               per_slice, prepared.span, unit, body_fraction, vote)
+    prepared.source_normalized = None
+
+
+def finish(prepared: Prepared, config: WeightsConfig) -> Translation:
+    """The generator's output back in the target's units, in the input's voxel order and geometry."""
+    source_settings, target_settings = config.intensity(prepared.source), config.intensity(prepared.target)
+    output_clipped = clipped_fraction(prepared.normalized, prepared.body, -1.0 + _LIMIT_TOLERANCE,
+                                      1.0 - _LIMIT_TOLERANCE)
+    output = denormalize(prepared.normalized, target_settings)  # (Z, H, W) target units
+    prepared.normalized = prepared.body = None  # type: ignore[assignment]  # freed before the volume is built
     if target_settings.kind == "ct":
         np.rint(output, out=output)  # whole HU, so the file is int16 like a scanner's
     modality = "CT" if target_settings.kind == "ct" else "MR"
-    translated = Volume(from_slices(output, frame), volume.affine.copy(), volume.header, modality, volume.source)
-    clipping = Clipping(input_clipped, output_clipped, _window_text(source_settings),
+    volume = prepared.volume
+    translated = Volume(from_slices(output, prepared.frame), volume.affine.copy(), volume.header, modality,
+                        volume.source)
+    clipping = Clipping(prepared.input_clipped, output_clipped, _window_text(source_settings),
                         _window_text(target_settings, output=True))
-    return Translation(translated, shown, len(output), input_preview, output[shown], clipping, quality)
+    return Translation(translated, prepared.shown, len(output), prepared.input_preview, output[prepared.shown],
+                       clipping, prepared.quality)
+
+
+def synthesize(volume: Volume, weights: Weights, source: str, target: str, *, batch_size: int,
+               dtype: torch.dtype | None, progress: Callable[[int], None] | None = None,
+               qc: bool = False) -> Translation:
+    """``volume`` translated to ``target`` with what its sidecar records: the clipping and, with
+    ``qc``, the cycle score (a second generator pass, back to ``source``): ``prepare``,
+    ``run_model`` and ``finish`` in a row."""
+    prepared = prepare(volume, weights.config, source, target, qc)
+    run_model(prepared, weights, batch_size=batch_size, dtype=dtype, progress=progress)
+    return finish(prepared, weights.config)
 
 
 def translate_volume(volume: Volume, weights: Weights, source: str, target: str, *, batch_size: int = 16,
@@ -679,21 +726,24 @@ def translate(
             choice = SourceChoice(str(recorded.get("SourceModality", "?")))
             reports[index] = VolumeReport(target_path, choice, "skipped", "complete, same weights and options")
 
-    def read_input(index: int) -> tuple[Volume, DicomSeries | None]:
-        return first if first is not None else _read(inputs[index], series)
-
-    def translate_one(index: int, loaded_input: tuple[Volume, DicomSeries | None]) -> tuple:
-        volume, dicom = loaded_input
-        if dicom is not None and dicom.skipped_note is not None:
-            notes.append(f"{inputs[index]}: {dicom.skipped_note}")
+    # The reader threads read, choose the source modality and normalize (prepare); the model runs
+    # in this thread; the writer threads map its output back (finish) and write.
+    def read_input(index: int) -> tuple[SourceChoice, Prepared, DicomSeries | None]:
+        volume, dicom = first if first is not None else _read(inputs[index], series)
         choice = infer_source(loaded.config, volume, source, to,
                               lambda candidates: predict_source(loaded, volume, candidates))
-        translation = synthesize(volume, loaded, choice.name, to, batch_size=batch_size, dtype=dtype,
-                                 progress=slice_progress, qc=qc)
-        return choice, translation, dicom
+        return choice, prepare(volume, loaded.config, choice.name, to, qc), dicom
+
+    def translate_one(index: int, read: tuple) -> tuple:
+        choice, prepared, dicom = read
+        if dicom is not None and dicom.skipped_note is not None:
+            notes.append(f"{inputs[index]}: {dicom.skipped_note}")
+        run_model(prepared, loaded, batch_size=batch_size, dtype=dtype, progress=slice_progress)
+        return read
 
     def write_one(index: int, done: tuple) -> tuple[SourceChoice, Translation]:
-        choice, translation, dicom = done
+        choice, prepared, dicom = done
+        translation = finish(prepared, loaded.config)
         changed = states[index].kind == "changed"
         write_synthetic(outputs[index], translation, record(inputs[index], choice, to, translation, context), loaded,
                         dicom, overwrite or changed)

@@ -37,6 +37,9 @@ WeightsOpt = Annotated[Optional[str], typer.Option(
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast; bf16/fp16 need a GPU).")]
+IoWorkersOpt = Annotated[Optional[int], typer.Option(
+    "--io-workers", help="Threads that read and write a folder's volumes while the model runs "
+                         "(default: the cores available, at most 8; 0: one volume after the other).")]
 JsonOpt = Annotated[Optional[Path], typer.Option(
     "--json", help="Also write the summary as JSON to this file; '-' prints the JSON on stdout instead of the table.")]
 STDOUT = Path("-")
@@ -61,6 +64,17 @@ def _write_json(data: object, path: Path | None, overwrite: bool) -> None:
     elif path is not None:
         write_json(data, path, overwrite)
         console.print(f"Wrote {strong(path)}")
+
+
+def _exit_if_failed(errors: list[str], total: int, noun: str, output: Path) -> None:
+    """Exit with code 1 after a folder run in which ``errors`` (one per failed input, shown above)
+    stopped some of its ``total`` inputs; a single one is told in the line itself."""
+    from targan_cli.console import counted
+
+    if errors:
+        which = f": {errors[0]}" if len(errors) == 1 else " (see above)"
+        others = "; the others were written" if len(errors) < total else ""
+        raise TarganError(f"{counted(len(errors), noun)} of {total} failed{which}{others}", output)
 
 
 class Terminated(KeyboardInterrupt):
@@ -213,9 +227,7 @@ def translate(
     qc: Annotated[Optional[bool], typer.Option(
         "--qc/--no-qc", help="Quality control: translate back and score the cycle (one extra pass). Default: "
                              "on for a single volume, off for a folder.")] = None,
-    io_workers: Annotated[Optional[int], typer.Option(
-        "--io-workers", help="Threads that read and write a folder's volumes while the model translates "
-                             "(default: the cores available, at most 8; 0: one volume after the other).")] = None,
+    io_workers: IoWorkersOpt = None,
 ) -> None:
     """Translate whole volumes into another modality; the output keeps the input's geometry."""
     from rich.markup import escape
@@ -259,9 +271,7 @@ def translate(
             print_warning(f"{report.output}: {line}")
         if report.quality is not None and report.quality.grade.grade != "ok":
             print_warning(f"{report.output}: QC {report.quality.grade.grade}: {'; '.join(report.quality.grade.reasons)}")
-    if result.failed:
-        raise TarganError(f"{counted(len(result.failed), 'volume')} of {len(result.volumes)} failed (see the table); "
-                          "the others were written", output)
+    _exit_if_failed([report.note for report in result.failed], len(result.volumes), "volume", output)
 
 
 @app.command()

@@ -32,12 +32,12 @@ from targan_cli.core.qc import (CLIP_WARNING_FRACTION, CYCLE_CHECK, CYCLE_POOR, 
                                 modality_vote, scored_slices, units)
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import check_apart, check_writable, local_paths
-from targan_cli.io.dicom import (SERIES_KIND, DicomSeries, check_series_folder, dicom_series_folders, is_targan_series,
+from targan_cli.io.dicom import (SERIES_KIND, DicomSeries, check_series_folder, folder_cases, is_targan_series,
                                  read_dicom, save_dicom)
 from targan_cli.io.montage import describe_window, modality_window, save_montage
-from targan_cli.io.pipeline import default_workers, stream
+from targan_cli.io.pipeline import check_workers, stream
 from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, canonical_depth, case_id, check_nifti_output, from_slices,
-                                  is_volume_path, list_volumes, read_volume, save_volume, slice_frame, to_slices)
+                                  is_volume_path, read_volume, save_volume, slice_frame, to_slices)
 from targan_cli.io.provenance import (RUN_KEY, OutputState, output_state, read_sidecar, sha256_file, sidecar_path,
                                       synthetic_descrip, synthetic_intent_name, write_with_sidecar)
 from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights, weights_source
@@ -413,19 +413,7 @@ def _plan(input: Path, output: Path, num_parts: int, part_id: int, preview: Path
         raise UsageError("--preview shows one volume; pass a single NIfTI file or DICOM folder with it")
     if series is not None:
         raise UsageError("--series picks a series of one DICOM input; this folder holds several cases", input)
-    files = sorted([*list_volumes(input), *dicom_series_folders(input)], key=lambda path: path.name)
-    if not files:
-        raise TarganError("no NIfTI (.nii / .nii.gz) files or DICOM series subfolders in this folder, and no "
-                          "DICOM files directly in it", input)
-    seen: dict[str, Path] = {}
-    for file in files:
-        if case_id(file) in seen:
-            raise TarganError(f"case {case_id(file)!r} is both {seen[case_id(file)].name} and {file.name}; "
-                              "keep one", input)
-        seen[case_id(file)] = file
-    if output.exists() and not output.is_dir():
-        raise TarganError("the input is a folder, so the output must be a folder, but this is a file", output)
-    selected = files[part_id::num_parts]
+    selected = folder_cases(input, output)[part_id::num_parts]
     return selected, [_batch_output(output, file, output_format) for file in selected]
 
 
@@ -629,9 +617,7 @@ def translate(
     source = None if source == "auto" else source
     preview = Path(preview) if preview is not None else None
     _check_options(batch_size, num_parts, part_id)
-    io_workers = default_workers() if io_workers is None else io_workers
-    if io_workers < 0:
-        raise UsageError(f"--io-workers must be 0 or more, not {io_workers}")
+    io_workers = check_workers(io_workers)
     if preview is not None and preview.suffix.lower() != ".png":
         raise UsageError("the preview is a PNG: its name must end in .png", preview)
     inputs, outputs = _plan(input, output, num_parts, part_id, preview, output_format, series)

@@ -261,16 +261,21 @@ def test_a_full_disk_while_enriching_keeps_complete_cases_and_a_rerun_finishes(
     inputs, raw = tmp_path / "in", tmp_path / "raw"
     for index in range(2):
         _ct(inputs / f"case{index}.nii.gz", (4, 16, 16), seed=index)
-    arguments = ["enrich", str(inputs), "--from", "ct", "-o", str(raw), "-w", str(weights), "--device", "cpu"]
+    arguments = ["enrich", str(inputs), "--from", "ct", "-o", str(raw), "-w", str(weights), "--device", "cpu",
+                 "--io-workers", "0"]  # one case after the other: the writes come in a known order
     monkeypatch.setattr(nib, "save", no_space(after_calls=4, write=nib.save))  # case0: 3 files; case1: 1
 
     line = _one_error_line(runner.invoke(COMMAND, arguments))
 
     folder = raw / "Dataset501_LiverCTEnriched"
     assert "No space left on device" in line and str(folder / "imagesTs" / "case1_0001.nii.gz") in line
-    written = sorted(p.name for p in (folder / "imagesTs").iterdir() if p.name.endswith(".nii.gz"))  # + sidecars
-    assert written == ["case0_0000.nii.gz", "case0_0001.nii.gz", "case0_0002.nii.gz", "case1_0000.nii.gz"]
-    assert all(_complete_nifti(folder / "imagesTs" / name).shape == (16, 16, 4) for name in written)
+    assert "1 case of 2 failed" in line
+    written = sorted(p.name for p in (folder / "imagesTs").iterdir())
+    assert written == ["case0_0000.nii.gz", "case0_0001.json", "case0_0001.nii.gz", "case0_0002.json",
+                       "case0_0002.nii.gz"]  # case1 whole or not at all: its first file was removed
+    assert all(_complete_nifti(folder / "imagesTs" / name).shape == (16, 16, 4) for name in written
+               if name.endswith(".nii.gz"))
+    assert verify_nnunet_dataset(folder) == []
 
     monkeypatch.undo()  # space again
     result = runner.invoke(COMMAND, arguments)

@@ -298,8 +298,11 @@ def enrich(
     precision: PrecisionOpt = "fp32",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per generator batch.")] = 16,
     overwrite: OverwriteOpt = False,
+    io_workers: IoWorkersOpt = None,
 ) -> None:
     """Write an nnU-Net v2 raw dataset: the real image as channel 0, its translations as channels 1.. (resumable)."""
+    from rich.markup import escape
+
     from targan_cli.console import console, counted, progress_bar, strong
     from targan_cli.workflows.enrich import enrich as enrich_dataset
 
@@ -307,11 +310,16 @@ def enrich(
         result = enrich_dataset(
             input, output, source=source, weights=weights, revision=revision, targets=targets,
             single_channel=single_channel, dataset_id=dataset_id, name=name, labels=labels, device=device,
-            precision=precision, batch_size=batch_size, overwrite=overwrite, progress=advance,
+            precision=precision, batch_size=batch_size, overwrite=overwrite, io_workers=io_workers, progress=advance,
             total_callback=lambda total: advance(0, total=total))
-    console.print(f"Wrote {strong(result.folder)}: channels {', '.join(result.channels)}; "
-                  f"{counted(len(result.written), 'case')} written, {len(result.skipped)} already complete; "
-                  f"{counted(result.training, 'training case')}, {result.test} in imagesTs")
+    for case, error in result.failed:
+        console.print(f"case {escape(case)} failed: {escape(error)}", highlight=False)
+    if result.written or result.skipped:
+        console.print(f"Wrote {strong(result.folder)}: channels {', '.join(result.channels)}; "
+                      f"{counted(len(result.written), 'case')} written, {len(result.skipped)} already complete; "
+                      f"{counted(result.training, 'training case')}, {result.test} in imagesTs")
+    _exit_if_failed([error for _, error in result.failed], len(result.written) + len(result.failed), "case",
+                    result.folder)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""io/pipeline.py and the streaming folder runs of translate and enrich: order, per-item
+"""io/pipeline.py and the streaming folder runs of translate, enrich and segment: order, per-item
 errors, Ctrl-C, and outputs identical to the one-at-a-time path (real NIfTI files, tiny weights)."""
 
 from __future__ import annotations
@@ -13,16 +13,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import targan_cli.workflows.enrich as enrich_module
 import targan_cli.workflows.translate as translate_module
 from targan_cli.cli import app
+from targan_cli.config import IntensitySettings
 from targan_cli.errors import TarganError
 from targan_cli.io.pipeline import stream
 from targan_cli.workflows.enrich import enrich, verify_nnunet_dataset
+from targan_cli.workflows.segment import SegmenterConfig, build_network, save_segmenter, segment
 from targan_cli.workflows.translate import translate
-from volume_factories import anatomy, canonical_affine, oriented, write_nifti
+from volume_factories import anatomy, canonical_affine, oriented, write_dicom_series, write_nifti
 from weights_factories import make_tiny_weights
 
 SHAPE = (5, 24, 20)  # canonical (Z, H, W)
@@ -266,3 +269,56 @@ def test_ctrl_c_in_enrich_leaves_complete_cases_only(tmp_path: Path, weights: Pa
         "labelsTr/case0.nii.gz"]  # no temporaries, no locks, no dataset.json
     assert not _pipeline_threads()
 
+
+# ----------------------------------------------------------------------------- segment
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = SegmenterConfig("ct", IntensitySettings(kind="ct"), image_size=32, width=4, depth=3)
+    torch.manual_seed(0)
+    return save_segmenter(tmp_path_factory.mktemp("segmenter") / "ct", build_network(config), config)
+
+
+def _volumes_and_series(folder: Path) -> Path:
+    """_folder's volumes, a DICOM series subfolder (one volume) and a file that is not NIfTI."""
+    _folder(folder, 2)
+    write_dicom_series(folder / "series", (anatomy(SHAPE, seed=1) + 1024).astype(np.uint16), intercept=-1024)
+    (folder / "broken.nii.gz").write_bytes(b"not a NIfTI file")
+    return folder
+
+
+def test_segment_a_folder_streams_the_masks_of_one_volume_runs(tmp_path: Path, segmenter: Path) -> None:
+    cases = _volumes_and_series(tmp_path / "cases")
+    names = ["broken.nii.gz", "case0.nii.gz", "case1.nii.gz", "series.nii.gz"]
+    for workers in (0, 2):
+        result = segment(cases, tmp_path / f"masks{workers}", segmenter=segmenter, device="cpu", io_workers=workers)
+        assert [mask.output.name for mask in result.masks] == names
+        assert [mask.status for mask in result.masks] == ["failed", "written", "written", "written"]
+        assert "broken.nii.gz" in result.failed[0].note
+        assert sorted(p.name for p in (tmp_path / f"masks{workers}").iterdir()) == names[1:]
+    for name, source in zip(names[1:], ("case0.nii.gz", "case1.nii.gz", "series")):
+        single = segment(cases / source, tmp_path / "one" / name, segmenter=segmenter, device="cpu")
+        assert single.masks[0].liver_voxels == int(np.asanyarray(nib.load(single.output).dataobj).sum())
+        expected = gzip.decompress(single.output.read_bytes())
+        assert gzip.decompress((tmp_path / "masks0" / name).read_bytes()) == expected
+        assert gzip.decompress((tmp_path / "masks2" / name).read_bytes()) == expected
+    assert sorted(nib.load(tmp_path / "one" / "series.nii.gz").shape) == sorted(SHAPE)  # the series: one volume
+
+
+def test_segment_folder_cli_reports_the_bad_volume_and_refuses_overwrites(tmp_path: Path, segmenter: Path) -> None:
+    cases = _volumes_and_series(tmp_path / "cases")
+    arguments = ["segment", str(cases), "-o", str(tmp_path / "masks"), "--segmenter", str(segmenter), "--device",
+                 "cpu", "--io-workers", "2"]
+    outcome = CliRunner().invoke(app, arguments)
+    assert outcome.exit_code == 1
+    assert "Wrote 3 masks" in outcome.stdout and "failed" in outcome.stdout
+    assert "1 volume of 4 failed: " in outcome.stderr and "broken.nii.gz" in outcome.stderr
+    before = (tmp_path / "masks" / "case0.nii.gz").read_bytes()
+    again = CliRunner().invoke(app, arguments)
+    assert again.exit_code == 1 and "already exists" in again.stderr  # refused before any work
+    assert (tmp_path / "masks" / "case0.nii.gz").read_bytes() == before
+    for overlapping in (cases / "masks", tmp_path):  # inside the input, holding the input
+        refused = CliRunner().invoke(app, [*arguments[:3], str(overlapping), *arguments[4:]])
+        assert refused.exit_code == 1 and str(cases) in refused.stderr
+    assert not (cases / "masks").exists() and not (tmp_path / "case0.nii.gz").exists()

@@ -516,23 +516,38 @@ def train_segmenter(
 @app.command()
 @handles_errors
 def segment(
-    input: Annotated[Path, typer.Argument(readable=False, help="A NIfTI file or a DICOM series folder.")],
-    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="The liver mask to write (.nii.gz, uint8).")],
+    input: Annotated[Path, typer.Argument(readable=False,
+        help="A NIfTI file or a DICOM series folder, or a folder of NIfTI files and DICOM series folders.")],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False,
+        help="The liver mask to write (.nii.gz, uint8), or a folder of <case>.nii.gz masks for a folder input.")],
     segmenter: Annotated[Path, typer.Option("--segmenter", readable=False, help="Segmenter folder (targan train-segmenter).")],
     source: Annotated[Optional[str], typer.Option(
         "--from", help="The input's modality; must be the segmenter's. Default: trust the segmenter.")] = None,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per batch.")] = 16,
     overwrite: OverwriteOpt = False,
+    io_workers: IoWorkersOpt = None,
 ) -> None:
-    """Segment the liver of a volume with a trained segmenter; the mask keeps the input's geometry."""
-    from targan_cli.console import console, strong
+    """Segment the liver of a volume (or a folder of volumes) with a trained segmenter; a mask keeps its volume's geometry."""
+    from targan_cli.console import console, counted, format_value, metric_table, print_table, progress_bar, strong
     from targan_cli.workflows.segment import segment as run_segment
 
-    result = run_segment(input, output, segmenter=segmenter, source=source, device=device,
-                         batch_size=batch_size, overwrite=overwrite)
-    console.print(f"Wrote {strong(result.output)} ({result.modality} liver: {result.liver_voxels:,} voxels, "
-                  f"{result.liver_ml:.1f} mL, {result.seconds:.1f} s on {result.device})")
+    with progress_bar("Segmenting", total=None, unit="volumes") as advance:
+        result = run_segment(input, output, segmenter=segmenter, source=source, device=device, batch_size=batch_size,
+                             overwrite=overwrite, io_workers=io_workers, progress=advance,
+                             total_callback=lambda total: advance(0, total=total))
+    timing = f"{result.seconds:.1f} s on {result.device}"
+    if result.masks[0].output == result.output:  # one volume
+        mask = result.masks[0]
+        console.print(f"Wrote {strong(result.output)} ({result.modality} liver: {mask.liver_voxels:,} voxels, "
+                      f"{mask.liver_ml:.1f} mL, {timing})")
+        return
+    print_table(metric_table("Masks", ["done", "liver voxels", "liver mL"], [
+        (mask.output.name, [f"failed ({mask.note})", "-", "-"] if mask.status == "failed" else
+         [mask.status, f"{mask.liver_voxels:,}", format_value(mask.liver_ml, 1)]) for mask in result.masks]))
+    written = f"{counted(len(result.masks) - len(result.failed), 'mask')} to {output}"
+    console.print(f"Wrote {strong(written)} ({result.modality} liver, {timing})")
+    _exit_if_failed([mask.note for mask in result.failed], len(result.masks), "volume", output)
 
 
 @app.command()

@@ -68,11 +68,11 @@ def _write_json(data: object, path: Path | None, overwrite: bool) -> None:
 
 def _exit_if_failed(errors: list[str], total: int, noun: str, output: Path) -> None:
     """Exit with code 1 after a folder run in which ``errors`` (one per failed input, shown above)
-    stopped some of its ``total`` inputs; a single one is told in the line itself."""
+    stopped some of its ``total`` inputs; the line itself tells the first (a full disk, say)."""
     from targan_cli.console import counted
 
     if errors:
-        which = f": {errors[0]}" if len(errors) == 1 else " (see above)"
+        which = f": {errors[0]}" if len(errors) == 1 else f" (see above), the first: {errors[0]}"
         others = "; the others were written" if len(errors) < total else ""
         raise TarganError(f"{counted(len(errors), noun)} of {total} failed{which}{others}", output)
 

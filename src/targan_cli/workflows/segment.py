@@ -3,7 +3,8 @@
 The segmenter is the project's one U-Net (``ShapeController``) with logits out, trained on real
 slices of one modality with Dice + BCE. A segmenter folder holds ``model.safetensors`` and
 ``config.json`` (``SegmenterConfig``: the modality, its intensity settings, the network's width,
-depth and image size, provenance); loading checks names and shapes strictly.
+depth and image size, provenance); loading checks names and shapes strictly. `targan segment` masks
+one volume, or a folder of volumes streamed through ``io.pipeline``.
 """
 
 from __future__ import annotations

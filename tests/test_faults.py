@@ -30,6 +30,7 @@ from click.testing import CliRunner
 
 from targan_cli.cli import app
 from targan_cli.data.phantom import write_phantom_dataset
+from targan_cli.io import volume as volume_module
 from targan_cli.io.weights import load_weights
 from targan_cli.workflows.enrich import verify_nnunet_dataset
 from targan_cli.workflows.train import load_checkpoint
@@ -245,7 +246,7 @@ def test_a_full_disk_while_translating_keeps_the_previous_output(tmp_path: Path,
     source = _ct(tmp_path / "ct.nii.gz", (4, 16, 16), seed=1)
     output = _ct(tmp_path / "out" / "t1w.nii.gz", (2, 8, 8), seed=2)
     previous = _sha256(output)
-    monkeypatch.setattr(nib, "save", no_space(after_calls=0, write=nib.save))
+    monkeypatch.setattr(volume_module, "save_nifti", no_space(after_calls=0, write=volume_module.save_nifti))
 
     result = runner.invoke(COMMAND, ["translate", str(source), "--from", "ct", "--to", "t1w", "-o", str(output),
                                      "-w", str(weights), "--device", "cpu", "--overwrite"])
@@ -261,16 +262,22 @@ def test_a_full_disk_while_enriching_keeps_complete_cases_and_a_rerun_finishes(
     inputs, raw = tmp_path / "in", tmp_path / "raw"
     for index in range(2):
         _ct(inputs / f"case{index}.nii.gz", (4, 16, 16), seed=index)
-    arguments = ["enrich", str(inputs), "--from", "ct", "-o", str(raw), "-w", str(weights), "--device", "cpu"]
-    monkeypatch.setattr(nib, "save", no_space(after_calls=4, write=nib.save))  # case0: 3 files; case1: 1
+    arguments = ["enrich", str(inputs), "--from", "ct", "-o", str(raw), "-w", str(weights), "--device", "cpu",
+                 "--io-workers", "0"]  # one case after the other: the writes come in a known order
+    # case0: 3 files; case1: 1
+    monkeypatch.setattr(volume_module, "save_nifti", no_space(after_calls=4, write=volume_module.save_nifti))
 
     line = _one_error_line(runner.invoke(COMMAND, arguments))
 
     folder = raw / "Dataset501_LiverCTEnriched"
     assert "No space left on device" in line and str(folder / "imagesTs" / "case1_0001.nii.gz") in line
-    written = sorted(p.name for p in (folder / "imagesTs").iterdir() if p.name.endswith(".nii.gz"))  # + sidecars
-    assert written == ["case0_0000.nii.gz", "case0_0001.nii.gz", "case0_0002.nii.gz", "case1_0000.nii.gz"]
-    assert all(_complete_nifti(folder / "imagesTs" / name).shape == (16, 16, 4) for name in written)
+    assert "1 case of 2 failed" in line
+    written = sorted(p.name for p in (folder / "imagesTs").iterdir())
+    assert written == ["case0_0000.nii.gz", "case0_0001.json", "case0_0001.nii.gz", "case0_0002.json",
+                       "case0_0002.nii.gz"]  # case1 whole or not at all: its first file was removed
+    assert all(_complete_nifti(folder / "imagesTs" / name).shape == (16, 16, 4) for name in written
+               if name.endswith(".nii.gz"))
+    assert verify_nnunet_dataset(folder) == []
 
     monkeypatch.undo()  # space again
     result = runner.invoke(COMMAND, arguments)

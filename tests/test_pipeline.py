@@ -1,5 +1,5 @@
-"""io/pipeline.py and translate's streaming folder runs: order, per-item errors, Ctrl-C, and outputs
-identical to the one-at-a-time path (real NIfTI files, tiny weights)."""
+"""io/pipeline.py and the streaming folder runs of translate, enrich and segment: order, per-item
+errors, Ctrl-C, and outputs identical to the one-at-a-time path (real NIfTI files, tiny weights)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,22 @@ import threading
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
+import targan_cli.workflows.enrich as enrich_module
 import targan_cli.workflows.translate as translate_module
 from targan_cli.cli import app
+from targan_cli.config import IntensitySettings
 from targan_cli.errors import TarganError
 from targan_cli.io.pipeline import stream
+from targan_cli.workflows.enrich import enrich, verify_nnunet_dataset
+from targan_cli.workflows.segment import SegmenterConfig, build_network, save_segmenter, segment
 from targan_cli.workflows.translate import translate
-from volume_factories import anatomy, canonical_affine, oriented, write_nifti
+from volume_factories import anatomy, canonical_affine, oriented, write_dicom_series, write_nifti
 from weights_factories import make_tiny_weights
 
 SHAPE = (5, 24, 20)  # canonical (Z, H, W)
@@ -180,3 +186,139 @@ def test_negative_io_workers_are_refused(tmp_path: Path, weights: Path) -> None:
     assert outcome.exit_code == 2
     assert "--io-workers must be 0 or more, not -1" in outcome.output
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- enrich
+
+
+def _labelled_folder(root: Path, count: int) -> tuple[Path, Path]:
+    """``_folder``'s volumes in root/images and their liver labels (on each volume's grid) in root/labels."""
+    root.mkdir()
+    images = _folder(root / "images", count)
+    (root / "labels").mkdir()
+    for path in sorted(images.iterdir()):
+        image = nib.load(path)
+        write_nifti(root / "labels" / path.name, (np.asanyarray(image.dataobj) > 60).astype(np.uint8), image.affine)
+    return images, root / "labels"
+
+
+def _contents(folder: Path) -> dict[str, object]:
+    """Every file below ``folder`` by relative name: NIfTI files decompressed, sidecars less their time."""
+    contents: dict[str, object] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if path.name.endswith(".nii.gz"):
+            contents[name] = gzip.decompress(path.read_bytes())
+        elif "DateTimeUTC" in path.read_text():
+            contents[name] = _without_times(path)
+        else:
+            contents[name] = path.read_bytes()
+    return contents
+
+
+def test_enrich_streaming_writes_the_same_dataset_as_one_at_a_time(tmp_path: Path, weights: Path) -> None:
+    images, labels = _labelled_folder(tmp_path / "in", 3)
+    results = {workers: enrich(images, tmp_path / f"raw{workers}", source="ct", weights=weights, labels=labels,
+                               device="cpu", io_workers=workers) for workers in (0, 2)}
+    assert results[0].written == results[2].written == ("case0", "case1", "case2")
+    sequential, streamed = _contents(results[0].folder), _contents(results[2].folder)
+    assert len([name for name in streamed if name.startswith("imagesTr/")]) == 3 * 5  # 3 channels, 2 sidecars
+    assert streamed == sequential
+    assert verify_nnunet_dataset(results[2].folder) == []
+
+
+def test_enrich_reports_a_bad_case_and_writes_the_others(tmp_path: Path, weights: Path) -> None:
+    images, labels = _labelled_folder(tmp_path / "in", 3)
+    array = np.asanyarray(nib.load(labels / "case1.nii.gz").dataobj)
+    write_nifti(labels / "case1.nii.gz", array[:-1], canonical_affine(SHAPE))  # off its image's grid
+    for workers in (0, 2):
+        result = enrich(images, tmp_path / f"raw{workers}", source="ct", weights=weights, targets=["t2w"],
+                        labels=labels, device="cpu", io_workers=workers)
+        assert result.written == ("case0", "case2") and result.training == 2
+        [(case, error)] = result.failed
+        assert case == "case1" and "labels/case1.nii.gz" in error and "grid" in error
+        assert not list(result.folder.rglob("case1*"))
+        assert verify_nnunet_dataset(result.folder) == []
+    outcome = CliRunner().invoke(app, ["enrich", str(images), "--from", "ct", "--to", "t2w", "--labels", str(labels),
+                                       "-o", str(tmp_path / "cli"), "--weights", str(weights), "--device", "cpu",
+                                       "--io-workers", "2"])
+    assert outcome.exit_code == 1
+    assert "case case1 failed" in outcome.stdout and "2 cases written" in outcome.stdout
+    assert "1 case of 3 failed: " in outcome.stderr and "the others were written" in outcome.stderr
+
+
+def test_ctrl_c_in_enrich_leaves_complete_cases_only(tmp_path: Path, weights: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    images, labels = _labelled_folder(tmp_path / "in", 4)
+    real = enrich_module.run_model
+    calls = [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:  # the first channel of the second case
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(enrich_module, "run_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        enrich(images, tmp_path / "raw", source="ct", weights=weights, labels=labels, device="cpu", io_workers=2)
+    folder = tmp_path / "raw" / "Dataset501_LiverCTEnriched"
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        ".targan.json", ".targan_enrich.json", "imagesTr/case0_0000.nii.gz", "imagesTr/case0_0001.json",
+        "imagesTr/case0_0001.nii.gz", "imagesTr/case0_0002.json", "imagesTr/case0_0002.nii.gz",
+        "labelsTr/case0.nii.gz"]  # no temporaries, no locks, no dataset.json
+    assert not _pipeline_threads()
+
+
+# ----------------------------------------------------------------------------- segment
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = SegmenterConfig("ct", IntensitySettings(kind="ct"), image_size=32, width=4, depth=3)
+    torch.manual_seed(0)
+    return save_segmenter(tmp_path_factory.mktemp("segmenter") / "ct", build_network(config), config)
+
+
+def _volumes_and_series(folder: Path) -> Path:
+    """_folder's volumes, a DICOM series subfolder (one volume) and a file that is not NIfTI."""
+    _folder(folder, 2)
+    write_dicom_series(folder / "series", (anatomy(SHAPE, seed=1) + 1024).astype(np.uint16), intercept=-1024)
+    (folder / "broken.nii.gz").write_bytes(b"not a NIfTI file")
+    return folder
+
+
+def test_segment_a_folder_streams_the_masks_of_one_volume_runs(tmp_path: Path, segmenter: Path) -> None:
+    cases = _volumes_and_series(tmp_path / "cases")
+    names = ["broken.nii.gz", "case0.nii.gz", "case1.nii.gz", "series.nii.gz"]
+    for workers in (0, 2):
+        result = segment(cases, tmp_path / f"masks{workers}", segmenter=segmenter, device="cpu", io_workers=workers)
+        assert [mask.output.name for mask in result.masks] == names
+        assert [mask.status for mask in result.masks] == ["failed", "written", "written", "written"]
+        assert "broken.nii.gz" in result.failed[0].note
+        assert sorted(p.name for p in (tmp_path / f"masks{workers}").iterdir()) == names[1:]
+    for name, source in zip(names[1:], ("case0.nii.gz", "case1.nii.gz", "series")):
+        single = segment(cases / source, tmp_path / "one" / name, segmenter=segmenter, device="cpu")
+        assert single.masks[0].liver_voxels == int(np.asanyarray(nib.load(single.output).dataobj).sum())
+        expected = gzip.decompress(single.output.read_bytes())
+        assert gzip.decompress((tmp_path / "masks0" / name).read_bytes()) == expected
+        assert gzip.decompress((tmp_path / "masks2" / name).read_bytes()) == expected
+    assert sorted(nib.load(tmp_path / "one" / "series.nii.gz").shape) == sorted(SHAPE)  # the series: one volume
+
+
+def test_segment_folder_cli_reports_the_bad_volume_and_refuses_overwrites(tmp_path: Path, segmenter: Path) -> None:
+    cases = _volumes_and_series(tmp_path / "cases")
+    arguments = ["segment", str(cases), "-o", str(tmp_path / "masks"), "--segmenter", str(segmenter), "--device",
+                 "cpu", "--io-workers", "2"]
+    outcome = CliRunner().invoke(app, arguments)
+    assert outcome.exit_code == 1
+    assert "Wrote 3 masks" in outcome.stdout and "failed" in outcome.stdout
+    assert "1 volume of 4 failed: " in outcome.stderr and "broken.nii.gz" in outcome.stderr
+    before = (tmp_path / "masks" / "case0.nii.gz").read_bytes()
+    again = CliRunner().invoke(app, arguments)
+    assert again.exit_code == 1 and "already exists" in again.stderr  # refused before any work
+    assert (tmp_path / "masks" / "case0.nii.gz").read_bytes() == before
+    for overlapping in (cases / "masks", tmp_path):  # inside the input, holding the input
+        refused = CliRunner().invoke(app, [*arguments[:3], str(overlapping), *arguments[4:]])
+        assert refused.exit_code == 1 and str(cases) in refused.stderr
+    assert not (cases / "masks").exists() and not (tmp_path / "case0.nii.gz").exists()

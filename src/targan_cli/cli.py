@@ -37,6 +37,9 @@ WeightsOpt = Annotated[Optional[str], typer.Option(
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast; bf16/fp16 need a GPU).")]
+IoWorkersOpt = Annotated[Optional[int], typer.Option(
+    "--io-workers", help="Threads that read and write a folder's volumes while the model runs "
+                         "(default: the cores available, at most 8; 0: one volume after the other).")]
 JsonOpt = Annotated[Optional[Path], typer.Option(
     "--json", help="Also write the summary as JSON to this file; '-' prints the JSON on stdout instead of the table.")]
 STDOUT = Path("-")
@@ -61,6 +64,17 @@ def _write_json(data: object, path: Path | None, overwrite: bool) -> None:
     elif path is not None:
         write_json(data, path, overwrite)
         console.print(f"Wrote {strong(path)}")
+
+
+def _exit_if_failed(errors: list[str], total: int, noun: str, output: Path) -> None:
+    """Exit with code 1 after a folder run in which ``errors`` (one per failed input, shown above)
+    stopped some of its ``total`` inputs; the line itself tells the first (a full disk, say)."""
+    from targan_cli.console import counted
+
+    if errors:
+        which = f": {errors[0]}" if len(errors) == 1 else f" (see above), the first: {errors[0]}"
+        others = "; the others were written" if len(errors) < total else ""
+        raise TarganError(f"{counted(len(errors), noun)} of {total} failed{which}{others}", output)
 
 
 class Terminated(KeyboardInterrupt):
@@ -213,9 +227,7 @@ def translate(
     qc: Annotated[Optional[bool], typer.Option(
         "--qc/--no-qc", help="Quality control: translate back and score the cycle (one extra pass). Default: "
                              "on for a single volume, off for a folder.")] = None,
-    io_workers: Annotated[Optional[int], typer.Option(
-        "--io-workers", help="Threads that read and write a folder's volumes while the model translates "
-                             "(default: the cores available, at most 8; 0: one volume after the other).")] = None,
+    io_workers: IoWorkersOpt = None,
 ) -> None:
     """Translate whole volumes into another modality; the output keeps the input's geometry."""
     from rich.markup import escape
@@ -259,9 +271,7 @@ def translate(
             print_warning(f"{report.output}: {line}")
         if report.quality is not None and report.quality.grade.grade != "ok":
             print_warning(f"{report.output}: QC {report.quality.grade.grade}: {'; '.join(report.quality.grade.reasons)}")
-    if result.failed:
-        raise TarganError(f"{counted(len(result.failed), 'volume')} of {len(result.volumes)} failed (see the table); "
-                          "the others were written", output)
+    _exit_if_failed([report.note for report in result.failed], len(result.volumes), "volume", output)
 
 
 @app.command()
@@ -288,8 +298,11 @@ def enrich(
     precision: PrecisionOpt = "fp32",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per generator batch.")] = 16,
     overwrite: OverwriteOpt = False,
+    io_workers: IoWorkersOpt = None,
 ) -> None:
     """Write an nnU-Net v2 raw dataset: the real image as channel 0, its translations as channels 1.. (resumable)."""
+    from rich.markup import escape
+
     from targan_cli.console import console, counted, progress_bar, strong
     from targan_cli.workflows.enrich import enrich as enrich_dataset
 
@@ -297,11 +310,16 @@ def enrich(
         result = enrich_dataset(
             input, output, source=source, weights=weights, revision=revision, targets=targets,
             single_channel=single_channel, dataset_id=dataset_id, name=name, labels=labels, device=device,
-            precision=precision, batch_size=batch_size, overwrite=overwrite, progress=advance,
+            precision=precision, batch_size=batch_size, overwrite=overwrite, io_workers=io_workers, progress=advance,
             total_callback=lambda total: advance(0, total=total))
-    console.print(f"Wrote {strong(result.folder)}: channels {', '.join(result.channels)}; "
-                  f"{counted(len(result.written), 'case')} written, {len(result.skipped)} already complete; "
-                  f"{counted(result.training, 'training case')}, {result.test} in imagesTs")
+    for case, error in result.failed:
+        console.print(f"case {escape(case)} failed: {escape(error)}", highlight=False)
+    if result.written or result.skipped:
+        console.print(f"Wrote {strong(result.folder)}: channels {', '.join(result.channels)}; "
+                      f"{counted(len(result.written), 'case')} written, {len(result.skipped)} already complete; "
+                      f"{counted(result.training, 'training case')}, {result.test} in imagesTs")
+    _exit_if_failed([error for _, error in result.failed], len(result.written) + len(result.failed), "case",
+                    result.folder)
 
 
 @app.command()
@@ -498,23 +516,38 @@ def train_segmenter(
 @app.command()
 @handles_errors
 def segment(
-    input: Annotated[Path, typer.Argument(readable=False, help="A NIfTI file or a DICOM series folder.")],
-    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="The liver mask to write (.nii.gz, uint8).")],
+    input: Annotated[Path, typer.Argument(readable=False,
+        help="A NIfTI file or a DICOM series folder, or a folder of NIfTI files and DICOM series folders.")],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False,
+        help="The liver mask to write (.nii.gz, uint8), or a folder of <case>.nii.gz masks for a folder input.")],
     segmenter: Annotated[Path, typer.Option("--segmenter", readable=False, help="Segmenter folder (targan train-segmenter).")],
     source: Annotated[Optional[str], typer.Option(
         "--from", help="The input's modality; must be the segmenter's. Default: trust the segmenter.")] = None,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per batch.")] = 16,
     overwrite: OverwriteOpt = False,
+    io_workers: IoWorkersOpt = None,
 ) -> None:
-    """Segment the liver of a volume with a trained segmenter; the mask keeps the input's geometry."""
-    from targan_cli.console import console, strong
+    """Segment the liver of a volume (or a folder of volumes) with a trained segmenter; a mask keeps its volume's geometry."""
+    from targan_cli.console import console, counted, format_value, metric_table, print_table, progress_bar, strong
     from targan_cli.workflows.segment import segment as run_segment
 
-    result = run_segment(input, output, segmenter=segmenter, source=source, device=device,
-                         batch_size=batch_size, overwrite=overwrite)
-    console.print(f"Wrote {strong(result.output)} ({result.modality} liver: {result.liver_voxels:,} voxels, "
-                  f"{result.liver_ml:.1f} mL, {result.seconds:.1f} s on {result.device})")
+    with progress_bar("Segmenting", total=None, unit="volumes") as advance:
+        result = run_segment(input, output, segmenter=segmenter, source=source, device=device, batch_size=batch_size,
+                             overwrite=overwrite, io_workers=io_workers, progress=advance,
+                             total_callback=lambda total: advance(0, total=total))
+    timing = f"{result.seconds:.1f} s on {result.device}"
+    if result.masks[0].output == result.output:  # one volume
+        mask = result.masks[0]
+        console.print(f"Wrote {strong(result.output)} ({result.modality} liver: {mask.liver_voxels:,} voxels, "
+                      f"{mask.liver_ml:.1f} mL, {timing})")
+        return
+    print_table(metric_table("Masks", ["done", "liver voxels", "liver mL"], [
+        (mask.output.name, [f"failed ({mask.note})", "-", "-"] if mask.status == "failed" else
+         [mask.status, f"{mask.liver_voxels:,}", format_value(mask.liver_ml, 1)]) for mask in result.masks]))
+    written = f"{counted(len(result.masks) - len(result.failed), 'mask')} to {output}"
+    console.print(f"Wrote {strong(written)} ({result.modality} liver, {timing})")
+    _exit_if_failed([mask.note for mask in result.failed], len(result.masks), "volume", output)
 
 
 @app.command()

@@ -33,7 +33,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output, check_writable
-from targan_cli.io.volume import INT16_RANGE, NIFTI_SUFFIXES, Volume, error_reason
+from targan_cli.io.volume import INT16_RANGE, NIFTI_SUFFIXES, Volume, case_id, error_reason, list_volumes
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 # No CT or MR slice is this large (a 65535 x 65535 declaration is a damaged or hostile header).
@@ -113,6 +113,25 @@ def _is_dicomdir(dataset: pydicom.Dataset) -> bool:
 def dicom_series_folders(folder: Path) -> list[Path]:
     """The subfolders of a folder that directly hold DICOM images, sorted by name."""
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and is_dicom_folder(p))
+
+
+def folder_cases(folder: Path, output: Path) -> list[Path]:
+    """The cases of a folder input whose outputs go into the folder ``output``: its NIfTI files and
+    DICOM series subfolders, sorted by name. An error when there is none, when two share a case id
+    (``a.nii.gz`` beside a DICOM folder ``a``), or when ``output`` is a file."""
+    files = sorted([*list_volumes(folder), *dicom_series_folders(folder)], key=lambda path: path.name)
+    if not files:
+        raise TarganError("no NIfTI (.nii / .nii.gz) files or DICOM series subfolders in this folder, and no "
+                          "DICOM files directly in it", folder)
+    seen: dict[str, Path] = {}
+    for file in files:
+        if case_id(file) in seen:
+            raise TarganError(f"case {case_id(file)!r} is both {seen[case_id(file)].name} and {file.name}; "
+                              "keep one", folder)
+        seen[case_id(file)] = file
+    if output.exists() and not output.is_dir():
+        raise TarganError("the input is a folder, so the output must be a folder, but this is a file", output)
+    return files
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from targan_cli.errors import UsageError
+
 Item = TypeVar("Item")
 Read = TypeVar("Read")
 Done = TypeVar("Done")
@@ -33,6 +35,15 @@ def default_workers() -> int:
     """The cores this process may use (its CPU affinity where the system tells it), at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(8, cores))
+
+
+def check_workers(workers: int | None) -> int:
+    """``--io-workers``: None is ``default_workers()``; a negative number is a usage error."""
+    if workers is None:
+        return default_workers()
+    if workers < 0:
+        raise UsageError(f"--io-workers must be 0 or more, not {workers}")
+    return workers
 
 
 @dataclass(frozen=True)

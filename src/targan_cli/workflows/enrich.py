@@ -26,7 +26,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,14 @@ from targan_cli.core.device import check_precision, pick_device
 from targan_cli.data.dataset import IMAGES, SPLITS, open_data_dir
 from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output, check_apart, local_paths, made_by_targan, mark_folder
+from targan_cli.io.pipeline import check_workers, stream
 from targan_cli.io.provenance import output_state, sha256_file, sidecar_path
-from targan_cli.io.volume import (NIFTI_SUFFIXES, case_id, list_volumes, read_label, read_volume,
+from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, case_id, list_volumes, read_label, read_volume,
                                   write_volume)
 from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights, weights_source
-from targan_cli.workflows.translate import (RunContext, SourceChoice, current_command_line, record, run_settings,
-                                            synthesize, write_synthetic)
+from targan_cli.workflows.translate import (Prepared, RunContext, SourceChoice, Translation, current_command_line,
+                                            finish_output, prepare_input, record, run_model, run_settings,
+                                            write_synthetic)
 
 FILE_ENDING = ".nii.gz"
 DATASET_JSON = "dataset.json"
@@ -89,6 +91,7 @@ class EnrichResult:
     skipped: tuple[str, ...]  # case ids already complete
     training: int
     test: int
+    failed: tuple[tuple[str, str], ...] = ()  # (case id, error) of the cases an error stopped (the run went on)
 
 
 # ----------------------------------------------------------------------------- names
@@ -392,6 +395,7 @@ def enrich(
     precision: str = "fp32",
     batch_size: int = 16,
     overwrite: bool = False,
+    io_workers: int | None = None,
     total_callback: Callable[[int], None] | None = None,
     progress: Progress | None = None,
 ) -> EnrichResult:
@@ -399,13 +403,20 @@ def enrich(
 
     ``weights`` is a weights folder or Hub repo id (None: the default source); ``single_channel``
     writes the real images only and takes no weights. ``total_callback(cases)`` is called once,
-    then ``progress(1)`` after each case, written or skipped. The finished dataset is checked with
-    ``verify_nnunet_dataset``; any problem is an error.
+    then ``progress(1)`` after each case, written, skipped or failed. The finished dataset is checked
+    with ``verify_nnunet_dataset``; any problem is an error.
+
+    The cases stream (``io.pipeline``): ``io_workers`` threads read the next images and labels and as
+    many write the finished cases while the model translates (None: the cores available; 0: one case
+    after the other, the same files). An error in one case (a label off its image's grid, a blank MR
+    volume) fails that case only (``EnrichResult.failed``): nothing of it is written, the others go on.
+    When every case to write fails, nothing is written at all, dataset.json included.
     """
     if single_channel and (weights is not None or targets):
         raise UsageError("--single-channel writes the real images only: drop --weights and --to")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    io_workers = check_workers(io_workers)
     _check_dataset_id(dataset_id)
     output = nnunet_raw_folder(output)
     if name is not None:
@@ -449,28 +460,63 @@ def enrich(
 
     if total_callback is not None:
         total_callback(len(found.cases))
-    written, skipped = [], []
+    todo, skipped = [], []
     for case in found.cases:
         files = _case_files(folder, case, len(channels))
         if not overwrite and all(path.is_file() for path in files) and all(
                 output_state(path, context.run).kind == "complete" for path, context in zip(files[1:], contexts)):
             skipped.append(case.case_id)
+            if progress is not None:
+                progress(1)
         else:
-            _write_case(case, files, source, contexts, dtype, batch_size, prepare)
-            written.append(case.case_id)
+            todo.append((case, files))
+
+    def read_case(item: tuple[EnrichCase, list[Path]]) -> tuple[Volume, np.ndarray | None, list[Prepared]]:
+        """The image and label, and the image normalized once for the model, a copy per channel
+        (reader threads)."""
+        case = item[0]
+        volume = read_volume(case.image)
+        mask = read_label(case.label, volume).array if case.label is not None else None
+        inputs: list[Prepared] = []
+        for context in contexts:
+            target = context.run["--to"]
+            inputs.append(replace(inputs[0], target=target, normalized=inputs[0].normalized.copy()) if inputs
+                          else prepare_input(volume, context.weights.config, source, target))
+        return volume, mask, inputs
+
+    def translate_case(item: tuple[EnrichCase, list[Path]], read: tuple) -> tuple:
+        """Every channel of a case, in this (the model's) thread; then the dataset folder is made
+        ready, once, before the first case's files are written."""
+        for prepared, context in zip(read[2], contexts):
+            run_model(prepared, context.weights, batch_size=batch_size, dtype=dtype)
+        prepare()
+        return read
+
+    def write_case(item: tuple[EnrichCase, list[Path]], done: tuple) -> None:
+        volume, mask, inputs = done
+        translations = [finish_output(prepared, context.weights.config) for prepared, context in zip(inputs, contexts)]
+        _write_case(*item, volume, mask, translations, source, contexts)
+
+    written, failed = [], []
+    for outcome in stream(todo, read_case, translate_case, write_case, workers=io_workers,
+                          expected=(TarganError,)):
+        if outcome.error is None:
+            written.append(outcome.item[0].case_id)
+        else:
+            failed.append((outcome.item[0].case_id, str(outcome.error)))
         if progress is not None:
             progress(1)
-    prepare()  # also when every case was complete: removes a killed run's temporaries
-
-    training = len(_identifiers(folder / IMAGES_TR))
-    _write_json(folder / DATASET_JSON, _dataset_json(name, settings, synthetic, loaded,
-                                                     None if weights is None else str(weights), training))
-    problems = verify_nnunet_dataset(folder)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise TarganError(f"fails nnU-Net's dataset checks: {problems[0]}{more}", folder)
-    return EnrichResult(folder, channels, tuple(written), tuple(skipped), training,
-                        len(_identifiers(folder / IMAGES_TS)))
+    if prepared or not failed:  # else every case to write failed: the output stays as it was
+        prepare()  # also when every case was complete: removes a killed run's temporaries
+        training = len(_identifiers(folder / IMAGES_TR))
+        _write_json(folder / DATASET_JSON, _dataset_json(name, settings, synthetic, loaded,
+                                                         None if weights is None else str(weights), training))
+        problems = verify_nnunet_dataset(folder)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise TarganError(f"fails nnU-Net's dataset checks: {problems[0]}{more}", folder)
+    return EnrichResult(folder, channels, tuple(written), tuple(skipped), len(_identifiers(folder / IMAGES_TR)),
+                        len(_identifiers(folder / IMAGES_TS)), tuple(failed))
 
 
 def _split_moves(folder: Path, cases: tuple[EnrichCase, ...], overwrite: bool) -> list[Path]:
@@ -488,27 +534,22 @@ def _split_moves(folder: Path, cases: tuple[EnrichCase, ...], overwrite: bool) -
     return moves
 
 
-def _write_case(case: EnrichCase, files: list[Path], source: str, contexts: list[RunContext],
-                dtype: torch.dtype | None, batch_size: int, before_writing: Callable[[], None]) -> None:
-    """Write every file of a case, the synthetic channels with their sidecars. The image and label
-    are read and checked, and the first translation made (it fails on a blank MR volume), before
-    ``before_writing()`` and any file."""
+def _write_case(case: EnrichCase, files: list[Path], volume: Volume, mask: np.ndarray | None,
+                synthetic: list[Translation], source: str, contexts: list[RunContext]) -> None:
+    """Write every file of a case: the real image, the synthetic channels with their sidecars, the label.
+    A file that cannot be written (a full disk) removes the case's other files: the dataset holds a
+    case whole or not at all."""
     choice = SourceChoice(source, f"the input folder or --from ({source})")
-
-    def translation(context: RunContext):
-        return synthesize(volume, context.weights, source, context.run["--to"], batch_size=batch_size, dtype=dtype)
-
-    volume = read_volume(case.image)
-    mask = read_label(case.label, volume).array if case.label is not None else None
-    pending = [translation(contexts[0])] if contexts else []
-    before_writing()
-    write_volume(files[0], volume, overwrite=True)
-    for channel, context in enumerate(contexts, start=1):
-        synthetic = pending.pop() if pending else translation(context)
-        write_synthetic(files[channel], synthetic, record(case.image, choice, context.run["--to"], synthetic, context),
-                        context.weights, overwrite=True)
-    if mask is not None:
-        write_volume(files[-1], volume.with_array(mask), label=True, overwrite=True)
+    try:
+        write_volume(files[0], volume, overwrite=True)
+        for path, translation, context in zip(files[1:], synthetic, contexts):
+            write_synthetic(path, translation, record(case.image, choice, context.run["--to"], translation, context),
+                            context.weights, overwrite=True)
+        if mask is not None:
+            write_volume(files[-1], volume.with_array(mask), label=True, overwrite=True)
+    except TarganError:
+        _remove([*files, *(sidecar_path(path) for path in files[1:len(contexts) + 1])])
+        raise
 
 
 # ----------------------------------------------------------------------------- verification

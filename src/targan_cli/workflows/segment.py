@@ -3,7 +3,8 @@
 The segmenter is the project's one U-Net (``ShapeController``) with logits out, trained on real
 slices of one modality with Dice + BCE. A segmenter folder holds ``model.safetensors`` and
 ``config.json`` (``SegmenterConfig``: the modality, its intensity settings, the network's width,
-depth and image size, provenance); loading checks names and shapes strictly.
+depth and image size, provenance); loading checks names and shapes strictly. `targan segment` masks
+one volume, or a folder of volumes streamed through ``io.pipeline``.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ from targan_cli.core.networks import ShapeController
 from targan_cli.core.slicing import from_model, plane_fit, to_model
 from targan_cli.data.dataset import Case, DataDir, load_slices, open_data_dir
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import check_writable
-from targan_cli.io.volume import (Volume, check_nifti_output, from_slices, read_label, read_volume, to_slices,
-                                  write_volume)
+from targan_cli.io.atomic import check_apart, check_writable
+from targan_cli.io.dicom import folder_cases
+from targan_cli.io.pipeline import check_workers, stream
+from targan_cli.io.volume import (Volume, case_id, check_nifti_output, from_slices, is_volume_path, read_label,
+                                  read_volume, to_slices, write_volume)
 from targan_cli.io.weights import CONFIG_FILE, load_tensors_into, save_model_folder
+from targan_cli.workflows.translate import OUTPUT_SUFFIX
 
 SEGMENTER_FILE = "model.safetensors"
 SEGMENTER_FORMAT_VERSION = 1
@@ -176,47 +180,102 @@ def label_slices(path: Path, image: Volume) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class SegmentResult:
-    """What `targan segment` wrote: the mask file and the liver it found."""
+class MaskReport:
+    """One mask of a run: ``status`` written, or failed (``note``: the error; nothing written)."""
 
     output: Path
+    status: str = "written"
+    note: str = ""
+    liver_voxels: int = 0
+    liver_ml: float = 0.0
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """What `targan segment` wrote: per input volume, its mask file and the liver it found."""
+
+    output: Path  # the mask file, or the folder of masks
     modality: str
-    liver_voxels: int
-    liver_ml: float
+    masks: tuple[MaskReport, ...]
     seconds: float
     device: str
 
+    @property
+    def failed(self) -> tuple[MaskReport, ...]:
+        """The masks of a folder run that an error in their volume stopped (the run went on)."""
+        return tuple(mask for mask in self.masks if mask.status == "failed")
 
-def _check_modality(volume: Volume, config: SegmenterConfig, source: str | None) -> None:
-    """Refuse an input whose stated (--from) or DICOM modality is not the segmenter's."""
+
+def _check_source(config: SegmenterConfig, source: str | None) -> None:
+    """Refuse an input whose stated modality (--from) is not the segmenter's."""
     if source is not None and source != config.modality:
         raise UsageError(f"this segmenter was trained on {config.modality} images, the input is {source}; "
                          f"use the segmenter of {source}")
+
+
+def _check_modality(volume: Volume, config: SegmenterConfig) -> None:
+    """Refuse a DICOM series of the other kind (CT, MR) than the segmenter's."""
     if volume.modality is not None and volume.modality.lower() != config.intensity.kind:
         raise UsageError(f"the DICOM series is {volume.modality} but this segmenter was trained on "
                          f"{config.modality} ({config.intensity.kind.upper()}) images", volume.source)
 
 
 def segment(input: str | Path, output: str | Path, *, segmenter: str | Path, source: str | None = None,
-            device: str = "auto", batch_size: int = 16, overwrite: bool = False) -> SegmentResult:
-    """Segment the liver of one volume (NIfTI file or DICOM folder) into a uint8 NIfTI label file
-    on the input's grid (same shape and affine)."""
+            device: str = "auto", batch_size: int = 16, overwrite: bool = False, io_workers: int | None = None,
+            total_callback: Callable[[int], None] | None = None,
+            progress: Callable[[int], None] | None = None) -> SegmentResult:
+    """Segment the liver of one volume (NIfTI file or DICOM series folder) into a uint8 NIfTI label
+    file on the input's grid (same shape and affine), or of a folder of NIfTI files and DICOM series
+    subfolders into a folder of ``<case>.nii.gz`` masks.
+
+    A folder streams (``io.pipeline``): ``io_workers`` threads read the next volumes and as many write
+    the finished masks while the segmenter runs (None: the cores available; 0: one volume after the
+    other, the same files). An error in one volume of a folder fails its mask only
+    (``SegmentResult.failed``); the others go on. ``total_callback(volumes)`` is called once, then
+    ``progress(1)`` after each volume. Every output is checked before any work.
+    """
     input, output = Path(input), Path(output)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    check_nifti_output(output, "the mask")
-    check_writable(output, overwrite, inputs=[input, segmenter], kind="volume")
+    io_workers = check_workers(io_workers)
+    folder_run = input.is_dir() and not is_volume_path(input)
+    if folder_run:
+        inputs = folder_cases(input, output)
+        outputs = [output / f"{case_id(path)}{OUTPUT_SUFFIX}" for path in inputs]
+        check_apart(output, [input, *inputs, segmenter])
+    else:
+        inputs, outputs = [input], [check_nifti_output(output, "the mask")]
+    for path in outputs:
+        check_writable(path, overwrite, inputs=[input, segmenter], kind="volume")
     torch_device = pick_device(device)
     loaded = load_segmenter(segmenter, torch_device)
+    _check_source(loaded.config, source)
     started = time.perf_counter()
-    volume = read_volume(input)
-    _check_modality(volume, loaded.config, source)
-    mask = segment_volume(volume, loaded, batch_size=batch_size)
-    write_volume(output, Volume(mask, volume.affine.copy(), volume.header, volume.modality, volume.source),
-                 label=True, overwrite=overwrite)
-    voxels = int(mask.sum())
-    return SegmentResult(output, loaded.config.modality, voxels, voxels * float(np.prod(volume.spacing)) / 1000.0,
-                         time.perf_counter() - started, str(torch_device))
+
+    def read(index: int) -> Volume:
+        return read_volume(inputs[index])
+
+    def process(index: int, volume: Volume) -> Volume:
+        _check_modality(volume, loaded.config)
+        mask = segment_volume(volume, loaded, batch_size=batch_size)
+        return Volume(mask, volume.affine.copy(), volume.header, volume.modality, volume.source)
+
+    def write(index: int, mask: Volume) -> MaskReport:
+        write_volume(outputs[index], mask, label=True, overwrite=overwrite)
+        voxels = int(mask.array.sum())
+        return MaskReport(outputs[index], liver_voxels=voxels, liver_ml=voxels * float(np.prod(mask.spacing)) / 1000)
+
+    if total_callback is not None:
+        total_callback(len(inputs))
+    masks = []
+    for outcome in stream(range(len(inputs)), read, process, write, workers=io_workers if folder_run else 0,
+                          expected=(TarganError,) if folder_run else ()):
+        masks.append(outcome.result if outcome.error is None else
+                     MaskReport(outputs[outcome.item], "failed", str(outcome.error)))
+        if progress is not None:
+            progress(1)
+    return SegmentResult(output, loaded.config.modality, tuple(masks), time.perf_counter() - started,
+                         str(torch_device))
 
 
 # ----------------------------------------------------------------------------- train

@@ -32,13 +32,12 @@ from targan_cli.core.qc import (CLIP_WARNING_FRACTION, CYCLE_CHECK, CYCLE_POOR, 
                                 modality_vote, scored_slices, units)
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import check_apart, check_writable, local_paths
-from targan_cli.io.dicom import (SERIES_KIND, DicomSeries, check_series_folder, dicom_series_folders, is_targan_series,
+from targan_cli.io.dicom import (SERIES_KIND, DicomSeries, check_series_folder, folder_cases, is_targan_series,
                                  read_dicom, save_dicom)
 from targan_cli.io.montage import describe_window, modality_window, save_montage
-from targan_cli.io.pipeline import default_workers, stream
+from targan_cli.io.pipeline import check_workers, stream
 from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, canonical_depth, case_id, check_nifti_output, from_slices,
-                                  is_volume_path, list_volumes, read_volume, save_volume, SliceFrame, slice_frame,
-                                  to_slices)
+                                  is_volume_path, read_volume, save_volume, SliceFrame, slice_frame, to_slices)
 from targan_cli.io.provenance import (RUN_KEY, OutputState, output_state, read_sidecar, sha256_file, sidecar_path,
                                       synthetic_descrip, synthetic_intent_name, write_with_sidecar)
 from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights, weights_source
@@ -303,7 +302,7 @@ def predict_source(weights: Weights, volume: Volume, candidates: list[str]) -> S
 @dataclass(eq=False)
 class Prepared:
     """A volume normalized for the generator, with what its record needs from before the model
-    (``prepare``); the model runs on ``normalized`` in place (``run_model``), then ``finish``
+    (``prepare_input``); the model runs on ``normalized`` in place (``run_model``), then ``finish_output``
     makes the translated volume. The first and last steps are NumPy only, so that a folder run
     does them on its reader and writer threads while the model runs on another volume."""
 
@@ -321,7 +320,7 @@ class Prepared:
     quality: Quality | None = None
 
 
-def prepare(volume: Volume, config: WeightsConfig, source: str, target: str, qc: bool = False) -> Prepared:
+def prepare_input(volume: Volume, config: WeightsConfig, source: str, target: str, qc: bool = False) -> Prepared:
     """``volume`` as canonical slices normalized as ``source``, with its body mask and clipping."""
     source_settings = config.intensity(source)
     config.intensity(target)
@@ -365,7 +364,7 @@ def run_model(prepared: Prepared, weights: Weights, *, batch_size: int, dtype: t
     prepared.source_normalized = None
 
 
-def finish(prepared: Prepared, config: WeightsConfig) -> Translation:
+def finish_output(prepared: Prepared, config: WeightsConfig) -> Translation:
     """The generator's output back in the target's units, in the input's voxel order and geometry."""
     source_settings, target_settings = config.intensity(prepared.source), config.intensity(prepared.target)
     output_clipped = clipped_fraction(prepared.normalized, prepared.body, -1.0 + _LIMIT_TOLERANCE,
@@ -388,11 +387,11 @@ def synthesize(volume: Volume, weights: Weights, source: str, target: str, *, ba
                dtype: torch.dtype | None, progress: Callable[[int], None] | None = None,
                qc: bool = False) -> Translation:
     """``volume`` translated to ``target`` with what its sidecar records: the clipping and, with
-    ``qc``, the cycle score (a second generator pass, back to ``source``): ``prepare``,
-    ``run_model`` and ``finish`` in a row."""
-    prepared = prepare(volume, weights.config, source, target, qc)
+    ``qc``, the cycle score (a second generator pass, back to ``source``): ``prepare_input``,
+    ``run_model`` and ``finish_output`` in a row."""
+    prepared = prepare_input(volume, weights.config, source, target, qc)
     run_model(prepared, weights, batch_size=batch_size, dtype=dtype, progress=progress)
-    return finish(prepared, weights.config)
+    return finish_output(prepared, weights.config)
 
 
 def translate_volume(volume: Volume, weights: Weights, source: str, target: str, *, batch_size: int = 16,
@@ -460,19 +459,7 @@ def _plan(input: Path, output: Path, num_parts: int, part_id: int, preview: Path
         raise UsageError("--preview shows one volume; pass a single NIfTI file or DICOM folder with it")
     if series is not None:
         raise UsageError("--series picks a series of one DICOM input; this folder holds several cases", input)
-    files = sorted([*list_volumes(input), *dicom_series_folders(input)], key=lambda path: path.name)
-    if not files:
-        raise TarganError("no NIfTI (.nii / .nii.gz) files or DICOM series subfolders in this folder, and no "
-                          "DICOM files directly in it", input)
-    seen: dict[str, Path] = {}
-    for file in files:
-        if case_id(file) in seen:
-            raise TarganError(f"case {case_id(file)!r} is both {seen[case_id(file)].name} and {file.name}; "
-                              "keep one", input)
-        seen[case_id(file)] = file
-    if output.exists() and not output.is_dir():
-        raise TarganError("the input is a folder, so the output must be a folder, but this is a file", output)
-    selected = files[part_id::num_parts]
+    selected = folder_cases(input, output)[part_id::num_parts]
     return selected, [_batch_output(output, file, output_format) for file in selected]
 
 
@@ -676,9 +663,7 @@ def translate(
     source = None if source == "auto" else source
     preview = Path(preview) if preview is not None else None
     _check_options(batch_size, num_parts, part_id)
-    io_workers = default_workers() if io_workers is None else io_workers
-    if io_workers < 0:
-        raise UsageError(f"--io-workers must be 0 or more, not {io_workers}")
+    io_workers = check_workers(io_workers)
     if preview is not None and preview.suffix.lower() != ".png":
         raise UsageError("the preview is a PNG: its name must end in .png", preview)
     inputs, outputs = _plan(input, output, num_parts, part_id, preview, output_format, series)
@@ -726,13 +711,13 @@ def translate(
             choice = SourceChoice(str(recorded.get("SourceModality", "?")))
             reports[index] = VolumeReport(target_path, choice, "skipped", "complete, same weights and options")
 
-    # The reader threads read, choose the source modality and normalize (prepare); the model runs
-    # in this thread; the writer threads map its output back (finish) and write.
+    # The reader threads read, choose the source modality and normalize (prepare_input); the model
+    # runs in this thread; the writer threads map its output back (finish_output) and write.
     def read_input(index: int) -> tuple[SourceChoice, Prepared, DicomSeries | None]:
         volume, dicom = first if first is not None else _read(inputs[index], series)
         choice = infer_source(loaded.config, volume, source, to,
                               lambda candidates: predict_source(loaded, volume, candidates))
-        return choice, prepare(volume, loaded.config, choice.name, to, qc), dicom
+        return choice, prepare_input(volume, loaded.config, choice.name, to, qc), dicom
 
     def translate_one(index: int, read: tuple) -> tuple:
         choice, prepared, dicom = read
@@ -743,7 +728,7 @@ def translate(
 
     def write_one(index: int, done: tuple) -> tuple[SourceChoice, Translation]:
         choice, prepared, dicom = done
-        translation = finish(prepared, loaded.config)
+        translation = finish_output(prepared, loaded.config)
         changed = states[index].kind == "changed"
         write_synthetic(outputs[index], translation, record(inputs[index], choice, to, translation, context), loaded,
                         dicom, overwrite or changed)

@@ -201,9 +201,10 @@ def gzip_levels(output_folder: Path) -> None:
     target.unlink()
 
 
-# One file-path run on one thread, one volume at a time, of whichever targan_cli PYTHONPATH names
-# (an older tree lacks --io-workers and io.pipeline): the identity generator, translate's defaults.
-FILE_PATH_ONCE = """
+# One folder run, one volume at a time, of whichever targan_cli PYTHONPATH names (an older tree
+# lacks --io-workers and io.pipeline): "file" the file path alone on one thread (the identity
+# generator), "model" the whole run with the generator on every core; translate's defaults.
+FOLDER_RUN_ONCE = """
 import inspect, os, shutil, sys, time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
@@ -211,9 +212,10 @@ from targan_cli.core.device import configure_process
 from targan_cli.core.networks import Generator
 from targan_cli.workflows.translate import translate
 configure_process()
-torch.set_num_threads(1)
-folder, weights, output = sys.argv[1:4]
-Generator.forward = lambda self, x, target, area=None: x
+folder, weights, output, what = sys.argv[1:5]
+if what == "file":
+    torch.set_num_threads(1)
+    Generator.forward = lambda self, x, target, area=None: x
 options = {"io_workers": 0} if "io_workers" in inspect.signature(translate).parameters else {}
 shutil.rmtree(output, ignore_errors=True)
 started = time.perf_counter()
@@ -223,22 +225,25 @@ print(result.slices / (time.perf_counter() - started))
 
 
 def compare_trees(args: argparse.Namespace, folder: Path, weights: Path) -> None:
-    """The file path of this tree against another tree's, in alternating fresh subprocesses."""
-    here = Path(__file__).resolve().parents[1] / "src"
-    trees = {"this tree": here, "other tree": args.compare_src.resolve()}
-    rates: dict[str, list[float]] = {name: [] for name in trees}
-    for _ in range(args.rounds):
+    """This tree against another tree's, in alternating fresh subprocesses: the file path alone
+    (``--rounds`` times), then the whole one-at-a-time run with the model (once each)."""
+    trees = {"this tree": Path(__file__).resolve().parents[1] / "src", "other tree": args.compare_src.resolve()}
+    for what, rounds, label in (("file", args.rounds, "file path alone, one thread"),
+                                ("model", 1, "whole run, one volume at a time")):
+        rates: dict[str, list[float]] = {name: [] for name in trees}
+        for _ in range(rounds):
+            for name, source in trees.items():
+                command = [sys.executable, "-c", FOLDER_RUN_ONCE, str(folder), str(weights), str(args.workdir / "out"),
+                           what]
+                done = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(source)), capture_output=True,
+                                      text=True, check=True)
+                rates[name].append(float(done.stdout.split()[-1]))
+            print(f"{label}: " + ", ".join(f"{name} {values[-1]:.1f}" for name, values in rates.items()), flush=True)
         for name, source in trees.items():
-            environment = dict(os.environ, PYTHONPATH=str(source))
-            command = [sys.executable, "-c", FILE_PATH_ONCE, str(folder), str(weights), str(args.workdir / "out")]
-            done = subprocess.run(command, env=environment, capture_output=True, text=True, check=True)
-            rates[name].append(float(done.stdout.split()[-1]))
-        print(", ".join(f"{name} {values[-1]:.1f}" for name, values in rates.items()), flush=True)
-    for name, source in trees.items():
-        print(f"file path alone, one thread, {name} ({source}): {statistics.median(rates[name]):.1f} slices/s "
-              f"(runs {', '.join(f'{v:.1f}' for v in rates[name])})")
-    print(f"ratio this / other: {statistics.median(rates['this tree']) / statistics.median(rates['other tree']):.2f}x "
-          "(target >= 2 against 54cf249)")
+            print(f"{label}, {name} ({source}): {statistics.median(rates[name]):.1f} slices/s "
+                  f"(runs {', '.join(f'{v:.1f}' for v in rates[name])})")
+        ratio = statistics.median(rates["this tree"]) / statistics.median(rates["other tree"])
+        print(f"{label}: this / other {ratio:.2f}x", flush=True)
 
 
 def main() -> None:

@@ -278,6 +278,27 @@ def test_gzip_outputs_are_standard_deterministic_and_read_back_exactly(tmp_path:
         assert np.array_equal(read_volume(path).array, volume.array)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_write_refuses_non_finite_values_and_leaves_no_file(tmp_path: Path, bad: float) -> None:
+    array = np.zeros((6, 5, 4), np.float32)
+    array[5, 4, 3] = bad  # the last voxel: not found by looking at the first ones only
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        write_volume(tmp_path / "bad.nii.gz", Volume(array, np.eye(4)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fraction_in_the_last_million_voxels_keeps_a_volume_float(tmp_path: Path) -> None:
+    """The whole-number check looks at every chunk: one fraction at the very end of 1.5 million
+    whole values keeps the file float32 (int16 would round it)."""
+    array = np.full((120, 125, 100), 7.0, np.float32)
+    array[-1, -1, -1] = 7.5
+    path = write_volume(tmp_path / "fraction.nii.gz", Volume(array, np.eye(4)))
+    assert nib.load(path).get_data_dtype() == np.float32
+    assert read_volume(path).array[-1, -1, -1] == 7.5
+    array[-1, -1, -1] = 8.0
+    assert nib.load(write_volume(tmp_path / "whole.nii.gz", Volume(array, np.eye(4)))).get_data_dtype() == np.int16
+
+
 def test_truncated_gzip_is_refused(tmp_path: Path) -> None:
     full = write_nifti(tmp_path / "full.nii.gz", anatomy((8, 16, 16), seed=3), np.eye(4))
     data = full.read_bytes()

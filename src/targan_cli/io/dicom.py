@@ -33,7 +33,8 @@ from pydicom.valuerep import format_number_as_ds
 
 from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output, check_writable
-from targan_cli.io.volume import INT16_RANGE, NIFTI_SUFFIXES, Volume, case_id, error_reason, list_volumes
+from targan_cli.io.volume import (INT16_RANGE, NIFTI_SUFFIXES, Volume, case_id, error_reason, is_integral,
+                                  list_volumes)
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 # No CT or MR slice is this large (a 65535 x 65535 declaration is a damaged or hostile header).
@@ -524,7 +525,7 @@ def quantise(array: np.ndarray) -> Quantisation:
     if not np.all(np.isfinite(array)):
         raise ValueError("cannot store NaN or infinite values")
     low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
-    if np.all(np.mod(array, 1) == 0) and INT16_RANGE[0] <= low and high <= INT16_RANGE[1]:
+    if INT16_RANGE[0] <= low and high <= INT16_RANGE[1] and is_integral(array):
         return Quantisation(array.astype(np.int16), 1.0, 0.0)
     intercept = float(_decimal(low))
     slope = float(_decimal((high - intercept) / _UINT16_MAX)) if high > intercept else 1.0

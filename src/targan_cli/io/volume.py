@@ -38,7 +38,7 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _NIBABEL_LOGGER = nib.imageglobals.logger.name
 GZIP_LEVEL = 1
 """ISA-L's deflate level of written .nii.gz files (0-3; chosen with bench/folder.py --levels: on a
-512 x 512 x 80 float32 output, 21x faster than zlib's level 1 for a 3 % larger file)."""
+512 x 512 x 80 float32 output, 0.15 s against 0.87 s for zlib's level 1, and no larger)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -317,15 +317,15 @@ def _output_array(array: np.ndarray, label: bool) -> np.ndarray:
     if not (np.isfinite(low) and np.isfinite(high)):  # a NaN makes both NaN
         raise ValueError("cannot write a volume with NaN or infinite values")
     if label:
-        if low < 0 or high > 255 or not _integral(array):
+        if low < 0 or high > 255 or not is_integral(array):
             raise ValueError(f"a label volume needs integers in [0, 255], got values in [{low}, {high}]")
         return array.astype(np.uint8, copy=False)
-    if INT16_RANGE[0] <= low and high <= INT16_RANGE[1] and _integral(array):
+    if INT16_RANGE[0] <= low and high <= INT16_RANGE[1] and is_integral(array):
         return array.astype(np.int16, copy=False)
     return array.astype(np.float32, copy=False)
 
 
-def _integral(array: np.ndarray, chunk: int = 1 << 20) -> bool:
+def is_integral(array: np.ndarray, chunk: int = 1 << 20) -> bool:
     """Whether every value is a whole number; a float volume is looked at a million voxels at a
     time, and a synthetic one stops at its first fraction."""
     if np.issubdtype(array.dtype, np.integer):

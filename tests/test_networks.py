@@ -1,5 +1,9 @@
 """Network shapes, parameter counts of the official configuration, and the generator's two modes."""
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,6 +97,47 @@ def test_the_process_setup_flushes_denormals_on_the_cpu():
     configure_process()
     tiny = torch.tensor([1e-42], dtype=torch.float32)  # a denormal float32
     assert (tiny * 1.0).item() == 0.0
+
+
+_MAPPED_BLOCKS_ON_A_THREAD = """
+import ctypes, sys, threading
+import numpy as np
+from targan_cli.core.device import tune_cpu_allocator
+
+class Mallinfo2(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h)
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+if sys.argv[1] == "tuned":
+    assert tune_cpu_allocator()
+mapped = []
+
+def allocate() -> None:  # a volume-sized block on a thread, as translate's readers and writers make
+    before = libc.mallinfo2().hblks
+    block = np.ones(100 << 20, dtype=np.uint8)
+    mapped.append(libc.mallinfo2().hblks - before)
+    del block
+
+thread = threading.Thread(target=allocate)
+thread.start()
+thread.join()
+print(mapped[0])
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator tuning is glibc's mallopt")
+def test_the_tuned_allocator_keeps_volume_sized_blocks_of_threads_in_the_heap():
+    # glibc maps a 100 MiB block with mmap by default, and on a thread (whose arena's heaps are at
+    # most 64 MiB) whatever the mmap threshold; tuned, the block comes from the one main heap.
+    def mapped(mode: str) -> int:
+        result = subprocess.run([sys.executable, "-c", _MAPPED_BLOCKS_ON_A_THREAD, mode], capture_output=True,
+                                text=True, check=True)
+        return int(result.stdout)
+
+    assert mapped("default") == 1
+    assert mapped("tuned") == 0
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 16, 16)])

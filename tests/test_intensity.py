@@ -147,6 +147,8 @@ def test_body_mask_equals_scipys_fill_holes_on_random_planes() -> None:
                 kept = np.isin(labels, 1 + np.flatnonzero(sizes >= min_fraction * sizes.max()))
                 expected[index] = ndimage.binary_fill_holes(kept)
         assert np.array_equal(body_mask(normalized, min_fraction=min_fraction), expected), trial
+        fortran = np.asfortranarray(normalized)  # as volumes in their file's voxel order come
+        assert np.array_equal(body_mask(fortran, min_fraction=min_fraction), expected), trial
 
 
 def test_body_mask_keeps_both_legs_and_handles_empty_slices() -> None:

@@ -10,8 +10,9 @@ process, each figure measured ``--rounds`` times (interleaved) and the median re
   ``--model-volumes`` volumes, decoded beforehand;
 - (c) the one-at-a-time run (``--io-workers 0``), the path before streaming;
 - (d) the streaming run (``--io-workers N``);
-and the ratios d/c and the overlap efficiency d / min(a, b), with the peak RSS of each run
-(sampled every 20 ms from /proc/self/status). ``--levels`` also times zlib's and ISA-L's gzip
+and the ratios d/c and the overlap efficiency d / min(a, b); then the peak RSS of (c) and (d), each
+run once more in a fresh process (``ru_maxrss``: in the benchmark's own process, the heap that
+tuned malloc keeps from earlier runs would be counted). ``--levels`` also times zlib's and ISA-L's gzip
 levels on one translated output (size against time). ``--compare-src DIR`` times the file path
 alone, one volume at a time on one thread, of this tree and of another checkout's ``src/`` (an
 older commit: ``git worktree add /tmp/old 54cf249``), each in a fresh subprocess, alternating,
@@ -30,7 +31,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -111,63 +111,35 @@ def write_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
     return folder, weights
 
 
-class PeakRss:
-    """The peak resident set size of this process while the block runs, sampled every 20 ms."""
-
-    def __enter__(self) -> PeakRss:
-        self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/status") as status:
-            line = next(line for line in status if line.startswith("VmRSS:"))
-        return int(line.split()[1]) * 1024
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._rss())
-
-
 def identity(self: Generator, x: torch.Tensor, target: torch.Tensor, area: torch.Tensor | None = None):
     return x
 
 
 def folder_run(folder: Path, weights: Path, output: Path, workers: int, batch_size: int,
-               model: bool = True) -> tuple[float, int]:
-    """Slices/s and peak RSS of one real folder run (the identity generator when not ``model``)."""
+               model: bool = True) -> float:
+    """Slices/s of one real folder run (the identity generator when not ``model``)."""
     shutil.rmtree(output, ignore_errors=True)
     forward = Generator.forward
     if not model:
         Generator.forward = identity
     try:
-        with PeakRss() as memory:
-            result = translate(folder, output, to="t2w", source="ct", weights=weights, device="cpu",
-                               batch_size=batch_size, io_workers=workers, command_line="bench/folder.py")
+        result = translate(folder, output, to="t2w", source="ct", weights=weights, device="cpu",
+                           batch_size=batch_size, io_workers=workers, command_line="bench/folder.py")
     finally:
         Generator.forward = forward
-    return result.slices / result.seconds, memory.peak
+    return result.slices / result.seconds
 
 
-def model_alone(folder: Path, weights: Path, volumes: int, batch_size: int) -> tuple[float, int]:
+def model_alone(folder: Path, weights: Path, volumes: int, batch_size: int) -> float:
     """Slices/s of ``translate_slices`` on slices normalized beforehand."""
     loaded = load_weights(weights, None, torch.device("cpu"))
     settings = loaded.config.intensity("ct")
     slices = np.concatenate([normalize(to_slices(read_volume(path))[0], settings)
                              for path in list_volumes(folder)[:volumes]])
     target = loaded.config.modality_index("t2w")
-    with PeakRss() as memory:
-        started = time.perf_counter()
-        translate_slices(loaded.generator, slices, target, batch_size=batch_size)
-        seconds = time.perf_counter() - started
-    return len(slices) / seconds, memory.peak
+    started = time.perf_counter()
+    translate_slices(loaded.generator, slices, target, batch_size=batch_size)
+    return len(slices) / (time.perf_counter() - started)
 
 
 def gzip_levels(output_folder: Path) -> None:
@@ -201,11 +173,12 @@ def gzip_levels(output_folder: Path) -> None:
     target.unlink()
 
 
-# One folder run, one volume at a time, of whichever targan_cli PYTHONPATH names (an older tree
-# lacks --io-workers and io.pipeline): "file" the file path alone on one thread (the identity
-# generator), "model" the whole run with the generator on every core; translate's defaults.
+# One folder run of whichever targan_cli PYTHONPATH names (an older tree lacks --io-workers and
+# io.pipeline): "file" the file path alone on one thread (the identity generator), "model" the
+# whole run with the generator on every core; with --io-workers WORKERS (default 0, one volume at a
+# time) where the tree has it. Prints slices/s and the process's peak RSS in bytes.
 FOLDER_RUN_ONCE = """
-import inspect, os, shutil, sys, time
+import inspect, os, resource, shutil, sys, time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from targan_cli.core.device import configure_process
@@ -213,15 +186,24 @@ from targan_cli.core.networks import Generator
 from targan_cli.workflows.translate import translate
 configure_process()
 folder, weights, output, what = sys.argv[1:5]
+workers = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 if what == "file":
     torch.set_num_threads(1)
     Generator.forward = lambda self, x, target, area=None: x
-options = {"io_workers": 0} if "io_workers" in inspect.signature(translate).parameters else {}
+options = {"io_workers": workers} if "io_workers" in inspect.signature(translate).parameters else {}
 shutil.rmtree(output, ignore_errors=True)
 started = time.perf_counter()
 result = translate(folder, output, to="t2w", source="ct", weights=weights, device="cpu", batch_size=16, **options)
-print(result.slices / (time.perf_counter() - started))
+print(result.slices / (time.perf_counter() - started), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
+
+
+def fresh_peak(folder: Path, weights: Path, output: Path, workers: int) -> int:
+    """Peak RSS (bytes) of one whole folder run with ``workers`` in a fresh process: in this one,
+    the heap that tuned malloc keeps from the earlier runs would be counted too."""
+    command = [sys.executable, "-c", FOLDER_RUN_ONCE, str(folder), str(weights), str(output), "model", str(workers)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1])
 
 
 def compare_trees(args: argparse.Namespace, folder: Path, weights: Path) -> None:
@@ -237,7 +219,7 @@ def compare_trees(args: argparse.Namespace, folder: Path, weights: Path) -> None
                            what]
                 done = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(source)), capture_output=True,
                                       text=True, check=True)
-                rates[name].append(float(done.stdout.split()[-1]))
+                rates[name].append(float(done.stdout.split()[0]))
             print(f"{label}: " + ", ".join(f"{name} {values[-1]:.1f}" for name, values in rates.items()), flush=True)
         for name, source in trees.items():
             print(f"{label}, {name} ({source}): {statistics.median(rates[name]):.1f} slices/s "
@@ -265,12 +247,9 @@ def main() -> None:
             "c": lambda: folder_run(folder, weights, args.workdir / "out", 0, args.batch_size),
             "d": lambda: folder_run(folder, weights, args.workdir / "out", workers, args.batch_size)}
     rates: dict[str, list[float]] = {name: [] for name in runs}
-    peaks: dict[str, int] = {name: 0 for name in runs}
     for round_index in range(args.rounds):
         for name, run in runs.items():
-            rate, peak = run()
-            rates[name].append(rate)
-            peaks[name] = max(peaks[name], peak)
+            rates[name].append(run())
         print(f"round {round_index + 1}: " + ", ".join(f"{name} {values[-1]:.1f}" for name, values in rates.items()),
               flush=True)
     median = {name: statistics.median(values) for name, values in rates.items()}
@@ -278,12 +257,15 @@ def main() -> None:
               "b": "(b) model alone", "c": "(c) one at a time (--io-workers 0)",
               "d": f"(d) streaming (--io-workers {workers})"}
     for name, label in labels.items():
-        print(f"{label:40s} {median[name]:7.1f} slices/s (runs {', '.join(f'{v:.1f}' for v in rates[name])}), "
-              f"peak RSS {peaks[name] / MIB:.0f} MiB")
+        print(f"{label:40s} {median[name]:7.1f} slices/s (runs {', '.join(f'{v:.1f}' for v in rates[name])})")
     print(f"(d)/(c) {median['d'] / median['c']:.2f}x (target >= 1.25); overlap efficiency (d)/min((a), (b)) "
-          f"{median['d'] / min(median[f'a{workers}'], median['b']):.2f} with (a) at {workers} workers, "
-          f"{median['d'] / min(median['a1'], median['b']):.2f} with (a) one at a time (target >= 0.9); "
+          f"{median['d'] / min(median[f'a{workers}'], median['b']):.3f} with (a) at {workers} workers, "
+          f"{median['d'] / min(median['a1'], median['b']):.3f} with (a) one at a time (target >= 0.9); "
           f"file path {workers} workers / one: {median[f'a{workers}'] / median['a1']:.2f}x (target >= 1.7)")
+    peaks = {label: fresh_peak(folder, weights, args.workdir / "out", count) for label, count in
+             (("(c) one at a time", 0), (f"(d) streaming, {workers} workers", workers))}
+    print("peak RSS of the whole run in a fresh process: " +
+          ", ".join(f"{label} {peak / MIB:.0f} MiB" for label, peak in peaks.items()))
     if args.levels:
         folder_run(folder, weights, args.workdir / "out", workers, args.batch_size, model=False)
         gzip_levels(args.workdir / "out")

@@ -84,6 +84,37 @@ def test_the_report_shows_the_json_numbers(demo):
     assert summary["verdict"] in report
 
 
+def test_the_columns_out_of_reach_are_the_oracles_losses(demo):
+    """demo.json's out_of_reach is recomputed from oracle.json's means, and the report names the
+    columns the model loses that the oracle loses too."""
+    out, stdout = demo
+    oracle = json.loads((out / "oracle.json").read_text())
+    summary = json.loads((out / "demo.json").read_text())
+    report = (out / "report.md").read_text()
+    models = [row["model"] for row in oracle["rows"]]
+    assert models == ["best intensity mapping (oracle)", "identity (copy input)", "body mean-fill",
+                      "histogram-matched source"]
+    assert [column["label"] for column in oracle["columns"]] == list(next(iter(summary["beats"].values())))
+    parts = []  # the report's "COLUMNS to the BASELINE" for each baseline, built here from the JSON
+    for baseline, reach in summary["out_of_reach"].items():
+        row = models.index(baseline)
+        expected = []
+        for index, column in enumerate(oracle["columns"]):
+            ours, theirs = oracle["rows"][0]["cells"][index]["mean"], oracle["rows"][row]["cells"][index]["mean"]
+            if not (ours < theirs if column["lower_is_better"] else ours > theirs):
+                expected.append(column["label"])
+        assert reach == expected, baseline
+        lost_too = [label for label in expected if not summary["beats"][baseline][label]]
+        if lost_too:
+            parts.append(f"{', '.join(lost_too)} to the {baseline}")
+    if parts:
+        sentence = f"(an oracle that sees the answer) loses {'; '.join(parts)}: no voxel-by-voxel"
+        assert sentence in " ".join(report.split())
+        assert sentence in " ".join(stdout.split())  # on the terminal too
+    elif not summary["beats_every_baseline"]:
+        assert "wins every column the model loses" in report
+
+
 def test_the_montage_shows_a_modality_in_one_window(demo):
     """The CT input of a CT row and the true CT beside it are the same image: in one window, their
     tiles are identical (they were windowed apart before)."""

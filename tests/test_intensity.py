@@ -8,6 +8,7 @@ import torch
 
 from targan_cli.config import IntensitySettings
 from targan_cli.core.intensity import (
+    best_intensity_mapping,
     body_mask,
     denormalize,
     fit_reference_high,
@@ -169,3 +170,26 @@ def test_body_mask_of_a_ct_finds_the_patient_not_the_air() -> None:
     hu[0, 8:11, 8:11] = -900.0  # bowel gas
     mask = body_mask(normalize(hu, CT))
     assert mask.sum() == 12 * 14 and mask[0, 9, 9]
+
+
+def test_the_best_intensity_mapping_is_the_truths_mean_per_input_bin() -> None:
+    """Worked by hand: the oracle is constant on each of 40 equal bins of [-1, 1], equal there to
+    the truth's mean over the masked voxels of that bin, and ``background`` outside the mask."""
+    source = np.array([[[-1.0, -0.99, 0.0, 0.04, 1.0, 0.5]]], dtype=np.float32)  # bins 0, 0, 20, 20, 39, 30
+    truth = np.array([[[0.2, 0.4, -0.5, 0.1, 0.9, 7.0]]], dtype=np.float32)
+    mask = np.array([[[True, True, True, True, True, False]]])
+    mapped = best_intensity_mapping(source, truth, mask, background=-1.0)
+    np.testing.assert_allclose(mapped, [[[0.3, 0.3, -0.2, -0.2, 0.9, -1.0]]], rtol=0, atol=1e-6)
+
+
+def test_no_intensity_mapping_fits_the_truth_better_than_the_oracle() -> None:
+    rng = np.random.default_rng(3)
+    source = rng.uniform(-1, 1, (3, 20, 20)).astype(np.float32)
+    truth = (np.cos(3 * source) + rng.normal(0, 0.3, source.shape)).astype(np.float32)
+    mask = rng.random(source.shape) < 0.7
+    oracle = best_intensity_mapping(source, truth, mask)
+    best = ((oracle - truth)[mask] ** 2).mean()
+    bins = np.digitize(source, np.linspace(-1, 1, 41)[1:-1])
+    for _ in range(50):  # any other value per bin does worse
+        table = rng.normal(0, 1, 40).astype(np.float32)
+        assert ((table[bins] - truth)[mask] ** 2).mean() > best

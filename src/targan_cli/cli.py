@@ -563,7 +563,7 @@ def demo(
     from rich.markup import escape
 
     from targan_cli.console import console, evaluation_table, print_table, progress_bar, strong
-    from targan_cli.workflows.demo import DemoProgress, demo_summary, run_demo
+    from targan_cli.workflows.demo import DemoProgress, demo_summary, reach_sentence, run_demo
 
     _check_json(json_out, overwrite)
     with progress_bar("Demo", total=None, quiet=json_out == STDOUT) as advance:
@@ -578,6 +578,8 @@ def demo(
     if quick:
         console.print("A --quick smoke run: the install works; the model had no time to learn.")
     console.print(escape(result.verdict), highlight=False)
+    if reach_sentence(result):
+        console.print(escape(reach_sentence(result)), highlight=False)
     console.print(f"Report   {strong(result.report)}")
     console.print(f"Montage  {strong(result.montage)}")
     console.print(f"Metrics  {strong(result.metrics)}")

@@ -182,6 +182,25 @@ def match_histogram(normalized: np.ndarray, mask: np.ndarray, reference: np.ndar
     return matched
 
 
+ORACLE_BINS = 40  # equal bins of [-1, 1] of best_intensity_mapping
+
+
+def best_intensity_mapping(source: np.ndarray, truth: np.ndarray, mask: np.ndarray, bins: int = ORACLE_BINS,
+                           background: float = -1.0) -> np.ndarray:
+    """An oracle, not a translation: each masked voxel of ``source`` (in [-1, 1]) becomes the mean of
+    ``truth`` over the masked voxels whose ``source`` intensity falls in the same of ``bins`` equal
+    bins. Of all mappings from input intensity to output value this one has the least squared
+    error against ``truth`` (the conditional mean), because it is fitted on ``truth`` itself: a
+    column that it loses to a baseline cannot be won by mapping intensities voxel by voxel.
+    Voxels outside the mask are ``background``."""
+    inside = np.asarray(mask, dtype=bool)
+    index = np.digitize(source, np.linspace(-1.0, 1.0, bins + 1)[1:-1])  # 0 .. bins - 1
+    counts = np.bincount(index[inside], minlength=bins)
+    sums = np.bincount(index[inside], weights=np.asarray(truth, dtype=np.float64)[inside], minlength=bins)
+    table = np.divide(sums, counts, out=np.full(bins, background, dtype=np.float64), where=counts > 0)
+    return np.where(inside, table.astype(np.float32)[index], np.float32(background))
+
+
 def _official_slice_scaling(values: np.ndarray, noise_floor: float) -> np.ndarray:
     """Official TarGAN MR preprocessing: below ``noise_floor`` -> 0, then per-slice min-max to [0, 1]."""
     values = np.where(values < noise_floor, 0.0, values).astype(np.float32)

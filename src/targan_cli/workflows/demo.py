@@ -28,14 +28,15 @@ from targan_cli.io.montage import describe_window, modality_window, save_montage
 from targan_cli.io.report import write_json as write_report
 from targan_cli.io.volume import read_volume, to_slices, write_volume
 from targan_cli.io.weights import CONFIG_FILE, WEIGHTS_FILE, Weights, load_weights, read_weights_config
-from targan_cli.workflows.evaluate import (EvaluationResult, beaten_columns, evaluate_models, generator_model,
-                                           trivial_baselines, verdict, write_json)
+from targan_cli.workflows.evaluate import (ORACLE_LABEL, EvaluationResult, beaten_columns, evaluate_models,
+                                           generator_model, intensity_oracle, trivial_baselines, verdict, write_json)
 from targan_cli.workflows.train import CHECKPOINTS, LAST_CHECKPOINT, TrainProgress, train
 from targan_cli.workflows.train import METRICS as METRICS_LOG
 from targan_cli.workflows.translate import translate_volume
 
 DATA, RUN, TRANSLATIONS = "data", "run", "translations"
 REPORT, MONTAGE, METRICS, SUMMARY = "report.md", "montage.png", "metrics.json", "demo.json"
+ORACLE = "oracle.json"  # the intensity oracle's and the baselines' metrics: what a translation can reach
 PAIRED_METRICS = ("psnr", "ssim", "mae")
 MODEL_LABEL = "TarGAN (demo)"
 MONTAGE_SLICES = 2
@@ -84,6 +85,7 @@ class DemoResult:
     translations: tuple[Path, ...]
     evaluation: EvaluationResult
     beats: dict[str, dict[str, bool]]  # baseline -> column label -> the model's mean is better there
+    out_of_reach: dict[str, tuple[str, ...]]  # baseline -> columns the intensity oracle does not win either
     verdict: str  # the sentence computed from the table
     seconds: float
     device: str
@@ -170,6 +172,8 @@ def _files(result: DemoResult, out: Path) -> list[str]:
     relative = lambda path: path.relative_to(out).as_posix()  # noqa: E731
     entries = [(result.montage, "for a few slices, the input, every translation and the paired truth"),
                (result.metrics, "the metrics table and every per-volume value"),
+               (out / ORACLE, "the same metrics of the best intensity mapping fitted on the paired truth (an "
+                              "oracle) and of the baselines: the columns no voxel-by-voxel translation wins"),
                (out / SUMMARY, "the settings, the run time and, per baseline and column, whether the model beat it"),
                (out / DATA / "dataset.json", "the phantom dataset's description (`data/`: train and test volumes)"),
                (result.run_dir / CHECKPOINTS / LAST_CHECKPOINT, "the training checkpoint (resume state)"),
@@ -179,6 +183,24 @@ def _files(result: DemoResult, out: Path) -> list[str]:
     lines = [f"- `{relative(path)}`: {what}" for path, what in entries]
     lines.append(f"- `{TRANSLATIONS}/`: " + ", ".join(f"`{relative(path)}`" for path in result.translations))
     return lines
+
+
+def reach_sentence(result: DemoResult) -> str:
+    """The sentence on the columns the model loses that no voxel-by-voxel translation wins (from the
+    oracle's numbers); empty when the model loses none."""
+    lost = {baseline: [column for column, won in columns.items() if not won]
+            for baseline, columns in result.beats.items()}
+    beyond = {baseline: [column for column in columns if column in result.out_of_reach.get(baseline, ())]
+              for baseline, columns in lost.items()}
+    if not any(lost.values()):
+        return ""
+    parts = [f"{', '.join(columns)} to the {baseline}" for baseline, columns in beyond.items() if columns]
+    if not parts:
+        return ("The best intensity mapping fitted on the paired truth itself (an oracle, not a model) wins "
+                "every column the model loses: all of them are within reach of a translation.")
+    return ("Even the best intensity mapping fitted on the paired truth itself (an oracle that sees the answer) "
+            f"loses {'; '.join(parts)}: no voxel-by-voxel translation of the input wins "
+            f"{'that column' if sum(map(len, beyond.values())) == 1 else 'those columns'} on these phantoms.")
 
 
 def _report(result: DemoResult, settings: DemoSettings, out: Path) -> str:
@@ -218,6 +240,10 @@ targan-cli {__version__}, {time.strftime('%Y-%m-%d %H:%M')}, {result.seconds:.0f
    the target modality's mean body intensity (body mean-fill), and the input's body intensities
    matched to the target modality's histogram (histogram-matched source); both from the training
    volumes.
+5. The same metrics of an oracle, in `{ORACLE}`: the best intensity mapping, each input intensity
+   mapped to the mean of the paired truth's body voxels of that intensity, fitted on the volume it
+   is scored on. It sees the answer: a column it loses to a baseline, no voxel-by-voxel translation
+   of the input wins.
 
 ## Results
 Each cell is the mean over the held-out volumes and, in brackets, its bootstrap 95 % interval
@@ -226,7 +252,8 @@ lower for MAE.
 
 {chr(10).join(_results_table(result.evaluation))}
 
-{result.verdict} {standing} Every per-volume value is in `{relative(result.metrics)}`.
+{' '.join(filter(None, (result.verdict, standing, reach_sentence(result))))} Every per-volume value is in
+`{relative(result.metrics)}`.
 
 ![montage]({relative(result.montage)})
 
@@ -250,6 +277,7 @@ def demo_summary(result: DemoResult, settings: DemoSettings | None = None) -> di
     settings = settings or (QUICK if result.quick else FULL)
     return {"seconds": result.seconds, "device": result.device, "quick": result.quick, "settings": settings.__dict__,
             "verdict": result.verdict, "beats_every_baseline": result.beats_every_baseline, "beats": result.beats,
+            "out_of_reach": {baseline: list(columns) for baseline, columns in result.out_of_reach.items()},
             "files": {"report": str(result.report), "montage": str(result.montage), "metrics": str(result.metrics),
                       "weights": str(result.weights)}}
 
@@ -299,24 +327,36 @@ def run_demo(out: str | Path = "targan-demo", *, device: str = "auto", quick: bo
         translations[case.modality] = _translate_case(weights, case, out / TRANSLATIONS, settings.batch_size)
     report(DemoProgress("Translating", len(cases), len(cases)))
 
-    evaluated, evaluations = 0, None
+    def counting(stage: str) -> tuple[Callable[[int], None], Callable[[int], None]]:
+        """An evaluation's total and progress callbacks, reported as ``stage``."""
+        counts = {"done": 0, "total": None}
 
-    def evaluation_total(total: int) -> None:
-        nonlocal evaluations
-        evaluations = total
-        report(DemoProgress("Evaluating", 0, total))
+        def total(value: int) -> None:
+            counts["total"] = value
+            report(DemoProgress(stage, 0, value))
 
-    def evaluation_progress(n: int) -> None:
-        nonlocal evaluated
-        evaluated += n
-        report(DemoProgress("Evaluating", evaluated, evaluations))
+        def advance(n: int) -> None:
+            counts["done"] += n
+            report(DemoProgress(stage, counts["done"], counts["total"]))
+
+        return total, advance
 
     baselines, _ = trivial_baselines(data, weights.config.modalities, settings.image_size)
+    total, advance = counting("Evaluating")
     evaluation = evaluate_models(data, [generator_model(weights, MODEL_LABEL, settings.batch_size), *baselines],
                                  PAIRED_METRICS, split="test", device=torch_device,
-                                 batch_size=settings.batch_size, progress=evaluation_progress,
-                                 total_callback=evaluation_total)
+                                 batch_size=settings.batch_size, progress=advance, total_callback=total)
+    # What no voxel-by-voxel translation can win: the columns the intensity oracle (fitted on the
+    # paired truth itself) loses to each baseline.
+    total, advance = counting("Evaluating the oracle")
+    ceiling = evaluate_models(data, [intensity_oracle(weights.config.modalities, settings.image_size), *baselines],
+                              PAIRED_METRICS, split="test", device=torch_device, batch_size=settings.batch_size,
+                              progress=advance, total_callback=total)
+    out_of_reach = {baseline.label: tuple(column for column, won in
+                                          beaten_columns(ceiling, ORACLE_LABEL, baseline.label).items() if not won)
+                    for baseline in baselines}
     write_json(evaluation, out / METRICS, overwrite=True)
+    write_json(ceiling, out / ORACLE, overwrite=True)
     montage = _montage(out / MONTAGE, cases, translations, data, weights.config)
     result = DemoResult(
         out=out, report=out / REPORT, montage=montage, metrics=out / METRICS, run_dir=trained.run_dir,
@@ -324,6 +364,7 @@ def run_demo(out: str | Path = "targan-demo", *, device: str = "auto", quick: bo
         translations=tuple(path for outputs in translations.values() for path in outputs.values()),
         evaluation=evaluation,
         beats={baseline.label: beaten_columns(evaluation, MODEL_LABEL, baseline.label) for baseline in baselines},
+        out_of_reach=out_of_reach,
         verdict=verdict(evaluation, MODEL_LABEL), seconds=time.perf_counter() - started, device=str(torch_device),
         quick=quick)
     with atomic_output(out / REPORT, overwrite=True) as temporary:

@@ -35,7 +35,8 @@ from targan_cli import __version__
 from targan_cli.config import IntensitySettings, ModalitySpec
 from targan_cli.core.device import pick_device
 from targan_cli.core.inference import translate_slices
-from targan_cli.core.intensity import body_mask, body_quantiles, denormalize, match_histogram, normalize
+from targan_cli.core.intensity import (best_intensity_mapping, body_mask, body_quantiles, denormalize,
+                                        match_histogram, normalize)
 from targan_cli.core.metrics import FrechetDistance, bootstrap_interval, dice, paired_metrics, ravd, summarize
 from targan_cli.core.slicing import PlaneFit, from_model, plane_fit, to_model
 from targan_cli.data.dataset import PAIRED, Case, DataDir, open_data_dir
@@ -353,6 +354,35 @@ def trivial_baselines(data: DataDir, modalities: Sequence[ModalitySpec],
                         "target modality's body histogram (train split); background kept"}),
     ]
     return baselines, []
+
+
+ORACLE_LABEL = "best intensity mapping (oracle)"
+
+
+def paired_truth(case: Case, target: str, settings: IntensitySettings, image_size: int) -> np.ndarray:
+    """``case``'s paired rendering in ``target``, normalized with ``settings``, as (Z, S, S) slices at
+    the model size ``image_size``: what a translation of ``case`` is scored against."""
+    truth = to_slices(read_on_grid(case.paired[target], read_volume(case.image), "paired rendering"))[0]
+    truth = normalize(truth, settings)
+    return _resize_slices(truth, plane_fit(truth.shape[1], truth.shape[2], image_size), to_model_size=True)
+
+
+def intensity_oracle(modalities: Sequence[ModalitySpec], image_size: int) -> EvaluatedModel:
+    """Not a model: ``core.intensity.best_intensity_mapping`` of each source volume, fitted on its
+    paired rendering in the target (at the model size, in the source's body). What it cannot win
+    against a baseline, no voxel-by-voxel translation of the input can. Needs paired renderings."""
+    modalities = tuple(modalities)
+    names = [spec.name for spec in modalities]
+
+    def translate(case: Case, slices: np.ndarray, source: str, target: str) -> np.ndarray:
+        if target not in case.paired:  # nothing to fit on; no paired metric is computed either
+            return np.full(slices.shape, BACKGROUND, dtype=np.float32)
+        truth = paired_truth(case, target, modalities[names.index(target)].intensity, image_size)
+        return best_intensity_mapping(slices, truth, body_mask(slices), background=BACKGROUND)
+
+    return EvaluatedModel(ORACLE_LABEL, modalities, image_size, translate,
+                          {"source": ORACLE_LABEL, "description": "each input intensity (40 bins) mapped to the "
+                           "mean of the paired truth's body voxels of that intensity, fitted on the volume scored"})
 
 
 # ----------------------------------------------------------------------------- translation metrics

@@ -35,8 +35,8 @@ from targan_cli import __version__
 from targan_cli.config import IntensitySettings, ModalitySpec
 from targan_cli.core.device import pick_device
 from targan_cli.core.inference import translate_slices
-from targan_cli.core.intensity import (best_intensity_mapping, body_mask, body_quantiles, denormalize,
-                                        match_histogram, normalize)
+from targan_cli.core.intensity import (ORACLE_BINS, best_intensity_mapping, body_mask, body_quantiles,
+                                        denormalize, match_histogram, normalize)
 from targan_cli.core.metrics import FrechetDistance, bootstrap_interval, dice, paired_metrics, ravd, summarize
 from targan_cli.core.slicing import PlaneFit, from_model, plane_fit, to_model
 from targan_cli.data.dataset import PAIRED, Case, DataDir, open_data_dir
@@ -381,8 +381,9 @@ def intensity_oracle(modalities: Sequence[ModalitySpec], image_size: int) -> Eva
         return best_intensity_mapping(slices, truth, body_mask(slices), background=BACKGROUND)
 
     return EvaluatedModel(ORACLE_LABEL, modalities, image_size, translate,
-                          {"source": ORACLE_LABEL, "description": "each input intensity (40 bins) mapped to the "
-                           "mean of the paired truth's body voxels of that intensity, fitted on the volume scored"})
+                          {"source": ORACLE_LABEL, "description": f"each input intensity ({ORACLE_BINS} bins) mapped "
+                           "to the mean of the paired truth's body voxels of that intensity, fitted on the volume "
+                           "scored"})
 
 
 # ----------------------------------------------------------------------------- translation metrics

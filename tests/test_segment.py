@@ -10,14 +10,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from dicom_factories import scanner_series
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
+from volume_factories import anatomy
 
 from targan_cli.cli import app
 from targan_cli.config import IntensitySettings
 from targan_cli.data.phantom import write_phantom_dataset
 from targan_cli.errors import TarganError
 from targan_cli.io.atomic import MARKER
+from targan_cli.io.dicom import read_dicom
 from targan_cli.io.volume import read_volume, to_slices
 from targan_cli.workflows.segment import (
     CONFIG_FILE,
@@ -240,3 +243,31 @@ def test_the_default_image_size_is_the_slice_size_capped_and_rounded(
     path = tmp_path / "case.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.eye(4)), path)
     assert default_image_size(path, depth) == expected
+
+
+def test_segment_picks_one_series_of_a_dicom_study_with_series(data: Path, t1w_segmenter: Path,
+                                                                 tmp_path: Path) -> None:
+    """A study folder with a CT and an MR series: refused with the list and the way out (--series),
+    which segment now has; the MR series picked by a prefix of its UID gives that series' mask."""
+    mr_uid, ct_uid = "1.2.826.0.1.3680043.10.511.2.7", "1.2.826.0.1.3680043.10.511.1.1"
+    study = tmp_path / "study"
+    scanner_series(study, (anatomy((4, 32, 32)) + 1024).astype(np.uint16), series_uid=ct_uid, intercept=-1024)
+    scanner_series(study, np.abs(anatomy((4, 32, 32), seed=5)).astype(np.uint16) + 300, series_uid=mr_uid,
+                   modality="MR", names="ima")
+    output = tmp_path / "mask.nii.gz"
+    arguments = ["segment", str(study), "-o", str(output), "--segmenter", str(t1w_segmenter), "--device", "cpu"]
+
+    refused = runner.invoke(app, arguments)
+    assert refused.exit_code == 2 and "Pick one with --series" in refused.stderr and not output.exists()
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+    result = runner.invoke(app, [*arguments, "--series", "1.2.826.0.1.3680043.10.511.2"])
+    assert result.exit_code == 0, result.output
+    expected = segment_volume(read_dicom(study, mr_uid).volume, load_segmenter(t1w_segmenter))
+    np.testing.assert_array_equal(np.asarray(nib.load(output).dataobj), expected)
+
+    image = next((data / "test" / "t1w" / "images").iterdir())
+    for source, message in ((image, "this is a NIfTI file"), (data / "test" / "t1w" / "images", "holds several cases")):
+        misused = runner.invoke(app, ["segment", str(source), "-o", str(tmp_path / "other"), "--segmenter",
+                                      str(t1w_segmenter), "--series", mr_uid])
+        assert misused.exit_code == 2 and message in misused.stderr, misused.output

@@ -40,6 +40,9 @@ PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp
 IoWorkersOpt = Annotated[Optional[int], typer.Option(
     "--io-workers", help="Threads that read and write a folder's volumes while the model runs "
                          "(default: the cores available, at most 8; 0: one volume after the other).")]
+SeriesOpt = Annotated[Optional[str], typer.Option(
+    "--series", help="The SeriesInstanceUID (or a unique prefix) of the series to use, when the DICOM input "
+                     "holds several.")]
 JsonOpt = Annotated[Optional[Path], typer.Option(
     "--json", help="Also write the summary as JSON to this file; '-' prints the JSON on stdout instead of the table.")]
 STDOUT = Path("-")
@@ -221,9 +224,7 @@ def translate(
     output_format: Annotated[str, typer.Option(
         "--format", help="Output format: dicom, nifti, or auto (DICOM for a DICOM input unless -o ends in "
                          ".nii / .nii.gz; NIfTI for a NIfTI input).")] = "auto",
-    series: Annotated[Optional[str], typer.Option(
-        "--series", help="The SeriesInstanceUID (or a unique prefix) of the series to translate, when the "
-                         "DICOM input holds several.")] = None,
+    series: SeriesOpt = None,
     qc: Annotated[Optional[bool], typer.Option(
         "--qc/--no-qc", help="Quality control: translate back and score the cycle (one extra pass). Default: "
                              "on for a single volume, off for a folder.")] = None,
@@ -527,6 +528,7 @@ def segment(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per batch.")] = 16,
     overwrite: OverwriteOpt = False,
     io_workers: IoWorkersOpt = None,
+    series: SeriesOpt = None,
 ) -> None:
     """Segment the liver of a volume (or a folder of volumes) with a trained segmenter; a mask keeps its volume's geometry."""
     from targan_cli.console import console, counted, format_value, metric_table, print_table, progress_bar, strong
@@ -534,7 +536,7 @@ def segment(
 
     with progress_bar("Segmenting", total=None, unit="volumes") as advance:
         result = run_segment(input, output, segmenter=segmenter, source=source, device=device, batch_size=batch_size,
-                             overwrite=overwrite, io_workers=io_workers, progress=advance,
+                             overwrite=overwrite, io_workers=io_workers, series=series, progress=advance,
                              total_callback=lambda total: advance(0, total=total))
     timing = f"{result.seconds:.1f} s on {result.device}"
     if result.masks[0].output == result.output:  # one volume

@@ -34,7 +34,7 @@ from pydicom.valuerep import format_number_as_ds
 from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output, check_writable
 from targan_cli.io.volume import (INT16_RANGE, NIFTI_SUFFIXES, Volume, case_id, error_reason, is_integral,
-                                  list_volumes)
+                                  list_volumes, read_volume)
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 # No CT or MR slice is this large (a 65535 x 65535 declaration is a damaged or hostile header).
@@ -152,6 +152,25 @@ class DicomSeries:
             return None
         names = ", ".join(p.name for p in self.skipped[:3]) + (", ..." if len(self.skipped) > 3 else "")
         return f"skipped {counted(len(self.skipped), 'file')} that {'is' if len(self.skipped) == 1 else 'are'} not DICOM images ({names})"
+
+
+def check_series_option(series: str | None, input: Path, single: bool) -> None:
+    """``--series`` picks a series of one DICOM input: refused with a NIfTI file or a folder of cases."""
+    if series is None:
+        return
+    if not single:
+        raise UsageError("--series picks a series of one DICOM input; this folder holds several cases", input)
+    if input.is_file() and input.name.lower().endswith(NIFTI_SUFFIXES):
+        raise UsageError("--series picks a series of a DICOM input; this is a NIfTI file", input)
+
+
+def read_input(path: Path, series: str | None = None) -> tuple[Volume, DicomSeries | None]:
+    """A NIfTI file's volume, or a DICOM input's volume with its series (``series`` picks one of
+    several, as ``read_dicom``)."""
+    if path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES):
+        return read_volume(path), None
+    dicom = read_dicom(path, series)
+    return dicom.volume, dicom
 
 
 @_quiet()

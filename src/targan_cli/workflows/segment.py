@@ -31,7 +31,7 @@ from targan_cli.core.slicing import from_model, plane_fit, to_model
 from targan_cli.data.dataset import Case, DataDir, load_slices, open_data_dir
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import check_apart, check_writable
-from targan_cli.io.dicom import folder_cases
+from targan_cli.io.dicom import check_series_option, folder_cases, read_input
 from targan_cli.io.pipeline import check_workers, stream
 from targan_cli.io.volume import (Volume, case_id, check_nifti_output, from_slices, is_volume_path, read_label,
                                   read_volume, to_slices, write_volume)
@@ -222,11 +222,12 @@ def _check_modality(volume: Volume, config: SegmenterConfig) -> None:
 
 def segment(input: str | Path, output: str | Path, *, segmenter: str | Path, source: str | None = None,
             device: str = "auto", batch_size: int = 16, overwrite: bool = False, io_workers: int | None = None,
-            total_callback: Callable[[int], None] | None = None,
+            series: str | None = None, total_callback: Callable[[int], None] | None = None,
             progress: Callable[[int], None] | None = None) -> SegmentResult:
     """Segment the liver of one volume (NIfTI file or DICOM series folder) into a uint8 NIfTI label
     file on the input's grid (same shape and affine), or of a folder of NIfTI files and DICOM series
-    subfolders into a folder of ``<case>.nii.gz`` masks.
+    subfolders into a folder of ``<case>.nii.gz`` masks. ``series`` picks one series of a DICOM input
+    that holds several (a SeriesInstanceUID or a unique prefix).
 
     A folder streams (``io.pipeline``): ``io_workers`` threads read the next volumes and as many write
     the finished masks while the segmenter runs (None: the cores available; 0: one volume after the
@@ -239,6 +240,7 @@ def segment(input: str | Path, output: str | Path, *, segmenter: str | Path, sou
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     io_workers = check_workers(io_workers)
     folder_run = input.is_dir() and not is_volume_path(input)
+    check_series_option(series, input, single=not folder_run)
     if folder_run:
         inputs = folder_cases(input, output)
         outputs = [output / f"{case_id(path)}{OUTPUT_SUFFIX}" for path in inputs]
@@ -253,7 +255,7 @@ def segment(input: str | Path, output: str | Path, *, segmenter: str | Path, sou
     started = time.perf_counter()
 
     def read(index: int) -> Volume:
-        return read_volume(inputs[index])
+        return read_input(inputs[index], series)[0]
 
     def process(index: int, volume: Volume) -> Volume:
         _check_modality(volume, loaded.config)

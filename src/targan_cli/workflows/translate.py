@@ -32,8 +32,8 @@ from targan_cli.core.qc import (CLIP_WARNING_FRACTION, CYCLE_CHECK, CYCLE_POOR, 
                                 modality_vote, scored_slices, units)
 from targan_cli.errors import TarganError, UsageError
 from targan_cli.io.atomic import check_apart, check_writable, local_paths
-from targan_cli.io.dicom import (SERIES_KIND, DicomSeries, check_series_folder, folder_cases, is_targan_series,
-                                 read_dicom, save_dicom)
+from targan_cli.io.dicom import (SERIES_KIND, DicomSeries, check_series_folder, check_series_option, folder_cases,
+                                 is_targan_series, read_input, save_dicom)
 from targan_cli.io.montage import describe_window, modality_window, save_montage
 from targan_cli.io.pipeline import check_workers, stream
 from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, canonical_depth, case_id, check_nifti_output, from_slices,
@@ -452,23 +452,13 @@ def _plan(input: Path, output: Path, num_parts: int, part_id: int, preview: Path
     if input.is_file() or is_volume_path(input):
         if num_parts > 1:
             raise UsageError("--num-parts splits a folder of NIfTI files; the input is a single volume", input)
-        if series is not None and _is_nifti_input(input):
-            raise UsageError("--series picks a series of a DICOM input; this is a NIfTI file", input)
+        check_series_option(series, input, single=True)
         return [input], [_single_output(input, output, output_format)]
     if preview is not None:
         raise UsageError("--preview shows one volume; pass a single NIfTI file or DICOM folder with it")
-    if series is not None:
-        raise UsageError("--series picks a series of one DICOM input; this folder holds several cases", input)
+    check_series_option(series, input, single=False)
     selected = folder_cases(input, output)[part_id::num_parts]
     return selected, [_batch_output(output, file, output_format) for file in selected]
-
-
-def _read(path: Path, series: str | None) -> tuple[Volume, DicomSeries | None]:
-    """A NIfTI file's volume, or a DICOM input's volume with its series (for a DICOM output)."""
-    if _is_nifti_input(path):
-        return read_volume(path), None
-    dicom = read_dicom(path, series)
-    return dicom.volume, dicom
 
 
 def weights_label(weights: Weights) -> str:
@@ -695,7 +685,7 @@ def translate(
                          loaded.discriminator is not None))
     # One volume is read first (a DICOM series' depth is known only once read); a folder's
     # depths come from the NIfTI headers, so that the progress total is known up front.
-    first = _read(inputs[0], series) if len(inputs) == 1 and todo else None
+    first = read_input(inputs[0], series) if len(inputs) == 1 and todo else None
     total = (slice_frame(first[0].shape, first[0].affine, first[0].source).canonical_shape[0] if first is not None
              else sum(canonical_depth(path) for path, _, _ in todo))
     if total_callback is not None and todo:  # a part without files shows no (empty) progress
@@ -713,8 +703,8 @@ def translate(
 
     # The reader threads read, choose the source modality and normalize (prepare_input); the model
     # runs in this thread; the writer threads map its output back (finish_output) and write.
-    def read_input(index: int) -> tuple[SourceChoice, Prepared, DicomSeries | None]:
-        volume, dicom = first if first is not None else _read(inputs[index], series)
+    def read_one(index: int) -> tuple[SourceChoice, Prepared, DicomSeries | None]:
+        volume, dicom = first if first is not None else read_input(inputs[index], series)
         choice = infer_source(loaded.config, volume, source, to,
                               lambda candidates: predict_source(loaded, volume, candidates))
         return choice, prepare_input(volume, loaded.config, choice.name, to, qc), dicom
@@ -735,7 +725,7 @@ def translate(
         return choice, translation
 
     pending = [index for index in range(len(inputs)) if index not in reports]
-    for outcome in stream(pending, read_input, translate_one, write_one, workers=io_workers if folder_run else 0,
+    for outcome in stream(pending, read_one, translate_one, write_one, workers=io_workers if folder_run else 0,
                           expected=(TarganError,) if folder_run else ()):
         index, state = outcome.item, states[outcome.item]
         if outcome.error is not None:

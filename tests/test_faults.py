@@ -33,6 +33,7 @@ from targan_cli.data.phantom import write_phantom_dataset
 from targan_cli.io import volume as volume_module
 from targan_cli.io.weights import load_weights
 from targan_cli.workflows.enrich import verify_nnunet_dataset
+from targan_cli.workflows import translate as translate_module
 from targan_cli.workflows.train import load_checkpoint
 from volume_factories import anatomy, oriented, write_nifti
 from weights_factories import make_tiny_weights
@@ -267,30 +268,53 @@ def test_a_full_disk_while_translating_keeps_the_previous_output(tmp_path: Path,
     assert sorted(p.name for p in output.parent.iterdir()) == ["t1w.nii.gz"]
 
 
-def test_a_full_disk_while_enriching_keeps_complete_cases_and_a_rerun_finishes(
+def test_a_full_disk_stops_a_translate_folder_run(tmp_path: Path, weights: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        _ct(inputs / f"{name}.nii.gz", SHAPE, seed)
+    translated = []
+    run_model = translate_module.run_model
+    monkeypatch.setattr(translate_module, "run_model", lambda prepared, *a, **k: (
+        translated.append(prepared.volume.source.name), run_model(prepared, *a, **k))[1])
+    monkeypatch.setattr(volume_module, "save_nifti", no_space(after_calls=1, write=volume_module.save_nifti))
+
+    line = _one_error_line(runner.invoke(COMMAND, ["translate", str(inputs), "--from", "ct", "--to", "t1w", "-o",
+                                                   str(out), "-w", str(weights), "--device", "cpu",
+                                                   "--io-workers", "0"]))
+
+    assert str(out / "b.nii.gz") in line and "No space left on device" in line and "failed" not in line
+    assert translated == ["a.nii.gz", "b.nii.gz"]  # c was not translated for nothing
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["a.json", "a.nii.gz"]
+    assert _temporaries(out) == []
+
+
+def test_a_full_disk_while_enriching_stops_keeps_complete_cases_and_a_rerun_finishes(
         tmp_path: Path, weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     inputs, raw = tmp_path / "in", tmp_path / "raw"
-    for index in range(2):
+    for index in range(3):
         _ct(inputs / f"case{index}.nii.gz", (4, 16, 16), seed=index)
     arguments = ["enrich", str(inputs), "--from", "ct", "-o", str(raw), "-w", str(weights), "--device", "cpu",
                  "--io-workers", "0"]  # one case after the other: the writes come in a known order
-    # case0: 3 files; case1: 1
+    # case0: 3 files; case1: 1, then the disk is full
     monkeypatch.setattr(volume_module, "save_nifti", no_space(after_calls=4, write=volume_module.save_nifti))
 
     line = _one_error_line(runner.invoke(COMMAND, arguments))
 
     folder = raw / "Dataset501_LiverCTEnriched"
     assert "No space left on device" in line and str(folder / "imagesTs" / "case1_0001.nii.gz") in line
-    assert "1 case of 2 failed" in line
+    assert "failed" not in line  # the disk's error itself, not a count of failed cases: the run stopped
     written = sorted(p.name for p in (folder / "imagesTs").iterdir())
     assert written == ["case0_0000.nii.gz", "case0_0001.json", "case0_0001.nii.gz", "case0_0002.json",
-                       "case0_0002.nii.gz"]  # case1 whole or not at all: its first file was removed
+                       "case0_0002.nii.gz"]  # case1 whole or not at all; the run stopped before case2
     assert all(_complete_nifti(folder / "imagesTs" / name).shape == (16, 16, 4) for name in written
                if name.endswith(".nii.gz"))
-    assert verify_nnunet_dataset(folder) == []
+    assert not (folder / "dataset.json").exists()  # stopped: not a dataset yet
 
     monkeypatch.undo()  # space again
     result = runner.invoke(COMMAND, arguments)
     assert result.exit_code == 0, result.output
-    assert "1 case written, 1 already complete" in result.output
+    assert "2 cases written, 1 already complete" in result.output
     assert verify_nnunet_dataset(folder) == []
+
+

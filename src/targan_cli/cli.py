@@ -71,7 +71,8 @@ def _write_json(data: object, path: Path | None, overwrite: bool) -> None:
 
 def _exit_if_failed(errors: list[str], total: int, noun: str, output: Path) -> None:
     """Exit with code 1 after a folder run in which ``errors`` (one per failed input, shown above)
-    stopped some of its ``total`` inputs; the line itself tells the first (a full disk, say)."""
+    stopped some of its ``total`` inputs; the line itself tells the first. (A full disk does not
+    come here: it stops the run with its own line.)"""
     from targan_cli.console import counted
 
     if errors:

@@ -29,6 +29,11 @@ class UsageError(TarganError):
         super().__init__(message, path, exit_code=2)
 
 
+class DiskFullError(TarganError):
+    """A write failed because its disk is full (exit code 1). A folder run stops at the first one:
+    every later write would fail too, after its volume had been read and translated for nothing."""
+
+
 def counted(count: int, noun: str, plural: str | None = None) -> str:
     """A count and its noun in agreement, for every message the tool prints: "1 slice", "2 slices",
     "0 slices"; ``plural`` for nouns that do not take an s ("1 series", "2 series")."""

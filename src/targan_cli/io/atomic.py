@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from targan_cli.errors import TarganError
+from targan_cli.errors import DiskFullError, TarganError
 
 try:
     import fcntl
@@ -247,8 +247,8 @@ def write_error(error: BaseException, path: Path, what: str = "cannot write") ->
             or any(words in text for words in _FULL_DISK_WORDS)
             or any(words in text for words in _TORCH_WRITER_WORDS) and _disk_nearly_full(path))
     if full:
-        return TarganError(f"{what}: No space left on device (the disk mounted at {_mount_point(path)}); "
-                           "free some space or write elsewhere", path)
+        return DiskFullError(f"{what}: No space left on device (the disk mounted at {_mount_point(path)}); "
+                             "free some space or write elsewhere", path)
     if isinstance(error, OSError):
         return TarganError(f"{what}: {error.strerror or error}", path)
     if any(words in text for words in _TORCH_WRITER_WORDS):

@@ -7,9 +7,10 @@ bounded: at most ``workers`` items read ahead, one being processed and ``workers
 written (2 x ``workers`` + 1 volumes in flight). Outcomes come back in the items' order, so the
 outputs and their order are those of the one-at-a-time loop (``workers`` 0).
 
-An error of a kind in ``expected`` fails its item only; the others go on. Any other error, and
-Ctrl-C, cancels what has not started, waits for the running threads (a write in progress finishes
-its atomic rename or leaves only its temporary, which io.atomic removes) and propagates.
+An error of a kind in ``expected`` fails its item only; the others go on. A full disk
+(``DiskFullError``), any other error, and Ctrl-C cancel what has not started, wait for the running
+threads (a write in progress finishes its atomic rename or leaves only its temporary, which
+io.atomic removes) and propagate: after a full disk every later write would fail too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from targan_cli.errors import UsageError
+from targan_cli.errors import DiskFullError, UsageError
 
 Item = TypeVar("Item")
 Read = TypeVar("Read")
@@ -58,6 +59,8 @@ class Outcome(Generic[Item, Written]):
 def _call(function: Callable, value: object, expected: tuple[type[BaseException], ...]) -> tuple[object, BaseException | None]:
     try:
         return function(value), None
+    except DiskFullError:  # every later write would fail too: the run stops
+        raise
     except expected as error:
         return None, error
 

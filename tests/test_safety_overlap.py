@@ -121,3 +121,24 @@ def test_weights_named_by_the_environment_are_an_input_too(tmp_path: Path, weigh
                     "--device", "cpu", "--overwrite", env={**ENVIRONMENT, "TARGAN_WEIGHTS": str(weights)})
     refusal(result, "lies inside the input", str(weights), exit_code=1)
     assert tree_digest(weights) == before
+
+
+def test_outputs_among_the_hub_cache_of_the_weights_are_refused(tmp_path: Path) -> None:
+    """Weights named by a Hub repo id are read from that repo's folder in the Hugging Face cache: an
+    output there (or a folder holding it, replaced with --overwrite) would destroy the snapshots."""
+    from cli_safety import ENVIRONMENT
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--someone--weights"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    scans = tmp_path / "scans"
+    write_case(scans / "scan.nii.gz", seed=1)
+    environment = {**ENVIRONMENT, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    for source, output, words in ((scans / "scan.nii.gz", snapshot / "out.nii.gz", ("lies inside the input", repo)),
+                                  (scans, hub, ("holds the input", repo))):  # a folder run writes a folder
+        before = tree_digest(hub, scans)
+        line = refusal(targan("translate", source, "--from", "ct", "--to", "t1w", "-w", "someone/weights", "-o",
+                              output, "--overwrite", env=environment), *map(str, words), exit_code=1)
+        assert tree_digest(hub, scans) == before, line

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from targan_cli.config import WeightsConfig, read_json
 from targan_cli.core.networks import Discriminator, Generator
 from targan_cli.errors import TarganError, counted
-from targan_cli.io.atomic import atomic_output
+from targan_cli.io.atomic import atomic_output, local_paths
 
 WEIGHTS_FILE = "model.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
@@ -162,6 +162,26 @@ def weights_source(source: str | Path | None) -> str | Path:
     """Where a command reads its weights from: ``source`` (--weights), else $TARGAN_WEIGHTS, else the
     built-in repo. A local folder among these is one of the command's inputs (io.atomic.check_apart)."""
     return source if source is not None else os.environ.get(WEIGHTS_ENV) or DEFAULT_REPO
+
+
+def weights_inputs(source: str | Path | None) -> list[Path]:
+    """What a command reads its weights from, for ``io.atomic.check_apart``: a local weights folder
+    or file, or, for a Hub repo id, that repo's folder in the Hugging Face cache (an output there
+    would sit among the cached snapshots, and replacing it with --overwrite would delete them)."""
+    source = weights_source(source)
+    local = local_paths(source)
+    if local or not isinstance(source, str):
+        return local
+    try:
+        repo_id, _ = _split_revision(source, None)
+    except TarganError:
+        return []
+    if not _REPO_ID.match(repo_id):
+        return []
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return [Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")]
 
 
 def resolve_weights(source: str | Path | None = None, revision: str | None = None) -> tuple[Path, dict]:

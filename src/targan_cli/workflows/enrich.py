@@ -44,7 +44,7 @@ from targan_cli.io.pipeline import check_workers, stream
 from targan_cli.io.provenance import output_state, sha256_file, sidecar_path
 from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, case_id, list_volumes, read_label, read_volume,
                                   write_volume)
-from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights, weights_source
+from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights, weights_inputs
 from targan_cli.workflows.translate import (Prepared, RunContext, SourceChoice, Translation, current_command_line,
                                             finish_output, prepare_input, record, run_model, run_settings,
                                             write_synthetic)
@@ -425,7 +425,7 @@ def enrich(
     source = _source_modality(source, found.modality)
     name = name if name is not None else default_dataset_name(source, single_channel)
     folder = dataset_folder(output, dataset_id, name)
-    check_apart(folder, local_paths(input, labels, weights_source(weights)))
+    check_apart(folder, [*local_paths(input, labels), *weights_inputs(weights)])
     clashes = _clashing_datasets(output, dataset_id, name)
     if clashes:
         raise TarganError(f"dataset id {dataset_id} is taken by {clashes[0]}; nnU-Net needs unique ids: choose "

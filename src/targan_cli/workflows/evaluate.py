@@ -45,7 +45,7 @@ from targan_cli.io.atomic import atomic_output, check_writable, local_paths
 from targan_cli.io.features import feature_module_kind, inception_features, load_feature_module
 from targan_cli.io.report import write_json as write_report
 from targan_cli.io.volume import Volume, case_id, list_volumes, read_label, read_on_grid, read_volume, to_slices
-from targan_cli.io.weights import Weights, load_weights, weights_source
+from targan_cli.io.weights import Weights, load_weights, weights_inputs, weights_source
 from targan_cli.workflows.segment import (Segmenter, label_slices, load_segmenter,
                                           segment_stored_slices)
 
@@ -719,7 +719,8 @@ def evaluate(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if json_out is not None and csv_out is not None and Path(json_out).resolve() == Path(csv_out).resolve():
         raise UsageError("--json and --csv name the same file; give each its own", json_out)
-    inputs = local_paths(data, *(weights or [weights_source(None)]), segmenters, fid_features, inception_weights, *predictions, truth)
+    inputs = [*local_paths(data, segmenters, fid_features, inception_weights, *predictions, truth),
+              *(path for source in weights or [None] for path in weights_inputs(source))]
     for path, kind in ((json_out, "json"), (csv_out, "csv")):
         if path is not None:
             check_writable(path, overwrite, inputs=inputs, kind=kind)

@@ -31,7 +31,7 @@ from targan_cli.core.qc import (CLIP_WARNING_FRACTION, CYCLE_CHECK, CYCLE_POOR, 
                                 MIN_BODY_FRACTION, Grade, ModalityVote, clipped_fraction, cycle_errors, grade,
                                 modality_vote, scored_slices, units)
 from targan_cli.errors import TarganError, UsageError
-from targan_cli.io.atomic import check_apart, check_writable, local_paths
+from targan_cli.io.atomic import check_apart, check_writable
 from targan_cli.io.dicom import (SERIES_KIND, DicomSeries, check_series_folder, check_series_option, folder_cases,
                                  is_targan_series, read_input, save_dicom)
 from targan_cli.io.montage import describe_window, modality_window, save_montage
@@ -40,7 +40,7 @@ from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, canonical_depth, case_
                                   is_volume_path, read_volume, save_volume, SliceFrame, slice_frame, to_slices)
 from targan_cli.io.provenance import (RUN_KEY, OutputState, output_state, read_sidecar, sha256_file, sidecar_path,
                                       synthetic_descrip, synthetic_intent_name, write_with_sidecar)
-from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights, weights_source
+from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights, weights_inputs
 
 OUTPUT_SUFFIX = ".nii.gz"
 FORMATS = ("auto", "dicom", "nifti")
@@ -657,7 +657,7 @@ def translate(
     if preview is not None and preview.suffix.lower() != ".png":
         raise UsageError("the preview is a PNG: its name must end in .png", preview)
     inputs, outputs = _plan(input, output, num_parts, part_id, preview, output_format, series)
-    read = [input, *inputs, *local_paths(weights_source(weights))]
+    read = [input, *inputs, *weights_inputs(weights)]
     check_apart(output, read)
     folder_run = not (input.is_file() or is_volume_path(input))
     qc = not folder_run if qc is None else qc

@@ -212,8 +212,9 @@ def _report(result: DemoResult, settings: DemoSettings, out: Path) -> str:
     elif result.quick:
         standing = "A run of a few steps is not expected to beat them: run `targan demo` without --quick."
     else:
-        standing = ("Where a baseline is as good or better, the model has not learned to beat it in this run; "
-                    "docs/demo.md shows how longer runs fare in those columns.")
+        standing = ("Where a baseline is as good or better, either the model has not learned to beat it in this "
+                    "run or no translation can (the oracle below tells which); docs/demo.md shows how longer runs "
+                    "fare in those columns.")
     return f"""# targan-cli demo
 
 targan-cli {__version__}, {time.strftime('%Y-%m-%d %H:%M')}, {result.seconds:.0f} s on {result.device}

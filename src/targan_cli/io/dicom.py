@@ -33,7 +33,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from targan_cli.errors import TarganError, UsageError, counted
 from targan_cli.io.atomic import atomic_output, check_writable
-from targan_cli.io.volume import (INT16_RANGE, NIFTI_SUFFIXES, Volume, case_id, error_reason, is_integral,
+from targan_cli.io.volume import (INT16_RANGE, Volume, case_id, error_reason, is_integral, is_nifti_file, is_nifti_name,
                                   list_volumes, read_volume)
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
@@ -96,7 +96,7 @@ def _is_image(dataset: pydicom.Dataset) -> bool:
 def _candidates(folder: Path) -> list[Path]:
     """The files directly in a folder that may be DICOM: any name except hidden and NIfTI files."""
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(NIFTI_SUFFIXES))
+                  if p.is_file() and not p.name.startswith(".") and not is_nifti_name(p))
 
 
 @_quiet()
@@ -160,14 +160,14 @@ def check_series_option(series: str | None, input: Path, single: bool) -> None:
         return
     if not single:
         raise UsageError("--series picks a series of one DICOM input; this folder holds several cases", input)
-    if input.is_file() and input.name.lower().endswith(NIFTI_SUFFIXES):
+    if is_nifti_file(input):
         raise UsageError("--series picks a series of a DICOM input; this is a NIfTI file", input)
 
 
 def read_input(path: Path, series: str | None = None) -> tuple[Volume, DicomSeries | None]:
     """A NIfTI file's volume, or a DICOM input's volume with its series (``series`` picks one of
     several, as ``read_dicom``)."""
-    if path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES):
+    if is_nifti_file(path):
         return read_volume(path), None
     dicom = read_dicom(path, series)
     return dicom.volume, dicom

@@ -88,6 +88,16 @@ def _nifti_suffix(path: Path) -> str | None:
     return next((suffix for suffix in NIFTI_SUFFIXES if name.endswith(suffix)), None)
 
 
+def is_nifti_name(path: str | Path) -> bool:
+    """Whether ``path``'s name ends in .nii or .nii.gz (any case)."""
+    return _nifti_suffix(Path(path)) is not None
+
+
+def is_nifti_file(path: str | Path) -> bool:
+    """Whether ``path`` is an existing file named .nii or .nii.gz: a NIfTI input, not a DICOM one."""
+    return Path(path).is_file() and is_nifti_name(path)
+
+
 def check_nifti_output(path: str | Path, what: str = "the output") -> Path:
     """Refuse, before any work, an output name that is not ``<name>.nii.gz`` or ``<name>.nii``."""
     path = Path(path)
@@ -104,7 +114,7 @@ def is_volume_path(path: str | Path) -> bool:
     path = Path(path)
     if path.is_dir():
         return is_dicom_folder(path)
-    return path.is_file() and _nifti_suffix(path) is not None
+    return is_nifti_file(path)
 
 
 def case_id(path: str | Path) -> str:

@@ -36,8 +36,8 @@ from targan_cli.io.dicom import (SERIES_KIND, DicomSeries, check_series_folder, 
                                  is_targan_series, read_input, save_dicom)
 from targan_cli.io.montage import describe_window, modality_window, save_montage
 from targan_cli.io.pipeline import check_workers, stream
-from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, canonical_depth, case_id, check_nifti_output, from_slices,
-                                  is_volume_path, read_volume, save_volume, SliceFrame, slice_frame, to_slices)
+from targan_cli.io.volume import (Volume, canonical_depth, case_id, check_nifti_output, from_slices, is_nifti_file,
+                                  is_nifti_name, is_volume_path, save_volume, SliceFrame, slice_frame, to_slices)
 from targan_cli.io.provenance import (RUN_KEY, OutputState, output_state, read_sidecar, sha256_file, sidecar_path,
                                       synthetic_descrip, synthetic_intent_name, write_with_sidecar)
 from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights, weights_inputs
@@ -415,20 +415,12 @@ def _check_options(batch_size: int, num_parts: int, part_id: int) -> None:
         raise UsageError(f"--part-id must be within 0 to {num_parts - 1} for --num-parts {num_parts}, got {part_id}")
 
 
-def _is_nifti_name(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
-
-
-def _is_nifti_input(path: Path) -> bool:
-    return path.is_file() and _is_nifti_name(path)
-
-
 def _single_output(input: Path, output: Path, output_format: str) -> Path:
     """The output of one volume: a NIfTI file, or a DICOM series folder (--format dicom, or --format
     auto with a DICOM input and an output not named .nii / .nii.gz)."""
-    if output_format == "dicom" or (output_format == "auto" and not _is_nifti_input(input)
-                                    and not _is_nifti_name(output)):
-        if _is_nifti_name(output):
+    if output_format == "dicom" or (output_format == "auto" and not is_nifti_file(input)
+                                    and not is_nifti_name(output)):
+        if is_nifti_name(output):
             raise UsageError("--format dicom writes a folder of DICOM files: name the output without "
                              ".nii / .nii.gz", output)
         return output
@@ -437,7 +429,7 @@ def _single_output(input: Path, output: Path, output_format: str) -> Path:
 
 def _batch_output(folder: Path, input: Path, output_format: str) -> Path:
     """A case's output in the output folder: <case>.nii.gz, or a <case> DICOM series folder."""
-    dicom = output_format == "dicom" or (output_format == "auto" and not _is_nifti_input(input))
+    dicom = output_format == "dicom" or (output_format == "auto" and not is_nifti_file(input))
     return folder / case_id(input) if dicom else folder / f"{case_id(input)}{OUTPUT_SUFFIX}"
 
 
@@ -549,7 +541,7 @@ def write_synthetic(path: Path, translation: Translation, record: dict, weights:
     """A synthetic volume and its sidecar ``record``, NIfTI (descrip and intent_name set) or a DICOM
     series (``dicom``: its source series); the sidecar is in place first (``write_with_sidecar``)."""
     target = record["TargetModality"]
-    if _is_nifti_name(path):
+    if is_nifti_name(path):
         detail = f"from {record['SourceModality']}, weights sha256 {record['Weights']['SHA256'][:12]}"
 
         def write(temporary: Path) -> None:
@@ -597,7 +589,7 @@ def _check_outputs(inputs: list[Path], outputs: list[Path], overwrite: bool, fol
     for path in outputs:
         ours = RUN_KEY in (read_sidecar(path) or {})
         replace = overwrite or (folder_run and ours)
-        if _is_nifti_name(path):
+        if is_nifti_name(path):
             check_writable(path, replace, inputs=inputs, kind="volume")
         else:
             check_series_folder(path, replace, inputs=inputs)

@@ -86,6 +86,12 @@ def read_weights_config(folder: str | Path) -> WeightsConfig:
         raise TarganError(error.message, path) from None
 
 
+def _hub_repo(text: str) -> str | None:
+    """The repo id when ``text`` has the form of a Hub repo (org/name, optionally @revision), else None."""
+    repo_id = text.split("@", 1)[0]
+    return repo_id if _REPO_ID.match(repo_id) and not text.startswith((".", "/", "~")) else None
+
+
 def _split_revision(source: str, revision: str | None) -> tuple[str, str | None]:
     if "@" in source:
         source, at_revision = source.split("@", 1)
@@ -172,11 +178,8 @@ def weights_inputs(source: str | Path | None) -> list[Path]:
     local = local_paths(source)
     if local or not isinstance(source, str):
         return local
-    try:
-        repo_id, _ = _split_revision(source, None)
-    except TarganError:
-        return []
-    if not _REPO_ID.match(repo_id):
+    repo_id = _hub_repo(source)
+    if repo_id is None:
         return []
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
@@ -207,7 +210,7 @@ def _resolve(text: str, revision: str | None) -> tuple[Path, dict]:
             raise TarganError(f"expected a weights folder or a {WEIGHTS_FILE} file", path)
         return folder, {}
     repo_id, revision = _split_revision(text, revision)
-    if not _REPO_ID.match(repo_id) or text.startswith((".", "/", "~")):
+    if _hub_repo(text) is None:
         raise TarganError("no such weights folder or file (and not a Hub repo id like org/name)", path)
     folder, commit = _download(repo_id, revision)
     return folder, {"hub_repo": repo_id, "hub_revision": revision, "hub_commit": commit}

@@ -581,8 +581,9 @@ def demo(
     if quick:
         console.print("A --quick smoke run: the install works; the model had no time to learn.")
     console.print(escape(result.verdict), highlight=False)
-    if reach_sentence(result):
-        console.print(escape(reach_sentence(result)), highlight=False)
+    reach = reach_sentence(result)
+    if reach:
+        console.print(escape(reach), highlight=False)
     console.print(f"Report   {strong(result.report)}")
     console.print(f"Montage  {strong(result.montage)}")
     console.print(f"Metrics  {strong(result.metrics)}")

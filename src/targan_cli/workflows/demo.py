@@ -29,7 +29,8 @@ from targan_cli.io.report import write_json as write_report
 from targan_cli.io.volume import read_volume, to_slices, write_volume
 from targan_cli.io.weights import CONFIG_FILE, WEIGHTS_FILE, Weights, load_weights, read_weights_config
 from targan_cli.workflows.evaluate import (ORACLE_LABEL, EvaluationResult, beaten_columns, evaluate_models,
-                                           generator_model, intensity_oracle, trivial_baselines, verdict, write_json)
+                                           generator_model, intensity_oracle, select_rows, trivial_baselines, verdict,
+                                           write_json)
 from targan_cli.workflows.train import CHECKPOINTS, LAST_CHECKPOINT, TrainProgress, train
 from targan_cli.workflows.train import METRICS as METRICS_LOG
 from targan_cli.workflows.translate import translate_volume
@@ -328,31 +329,27 @@ def run_demo(out: str | Path = "targan-demo", *, device: str = "auto", quick: bo
         translations[case.modality] = _translate_case(weights, case, out / TRANSLATIONS, settings.batch_size)
     report(DemoProgress("Translating", len(cases), len(cases)))
 
-    def counting(stage: str) -> tuple[Callable[[int], None], Callable[[int], None]]:
-        """An evaluation's total and progress callbacks, reported as ``stage``."""
-        counts = {"done": 0, "total": None}
+    evaluated = {"done": 0, "total": None}
 
-        def total(value: int) -> None:
-            counts["total"] = value
-            report(DemoProgress(stage, 0, value))
+    def evaluation_total(value: int) -> None:
+        evaluated["total"] = value
+        report(DemoProgress("Evaluating", 0, value))
 
-        def advance(n: int) -> None:
-            counts["done"] += n
-            report(DemoProgress(stage, counts["done"], counts["total"]))
-
-        return total, advance
+    def evaluation_progress(n: int) -> None:
+        evaluated["done"] += n
+        report(DemoProgress("Evaluating", evaluated["done"], evaluated["total"]))
 
     baselines, _ = trivial_baselines(data, weights.config.modalities, settings.image_size)
-    total, advance = counting("Evaluating")
-    evaluation = evaluate_models(data, [generator_model(weights, MODEL_LABEL, settings.batch_size), *baselines],
-                                 PAIRED_METRICS, split="test", device=torch_device,
-                                 batch_size=settings.batch_size, progress=advance, total_callback=total)
+    oracle = intensity_oracle(weights.config.modalities, settings.image_size)
+    everything = evaluate_models(data, [generator_model(weights, MODEL_LABEL, settings.batch_size), *baselines,
+                                        oracle], PAIRED_METRICS, split="test", device=torch_device,
+                                 batch_size=settings.batch_size, progress=evaluation_progress,
+                                 total_callback=evaluation_total)
+    labels = [baseline.label for baseline in baselines]
+    evaluation = select_rows(everything, [MODEL_LABEL, *labels])
     # What no voxel-by-voxel translation can win: the columns the intensity oracle (fitted on the
     # paired truth itself) loses to each baseline.
-    total, advance = counting("Evaluating the oracle")
-    ceiling = evaluate_models(data, [intensity_oracle(weights.config.modalities, settings.image_size), *baselines],
-                              PAIRED_METRICS, split="test", device=torch_device, batch_size=settings.batch_size,
-                              progress=advance, total_callback=total)
+    ceiling = select_rows(everything, [ORACLE_LABEL, *labels])
     out_of_reach = {baseline.label: tuple(column for column, won in
                                           beaten_columns(ceiling, ORACLE_LABEL, baseline.label).items() if not won)
                     for baseline in baselines}

@@ -189,6 +189,16 @@ def build_result(title: str, models: Sequence[str], columns: Sequence[Column], r
                             tuple(records), settings, _versions(), tuple(notes))
 
 
+def select_rows(result: EvaluationResult, labels: Sequence[str]) -> EvaluationResult:
+    """``result``'s table restricted to the rows ``labels``, in that order: their records, the same
+    columns, settings and notes (one evaluation of several models, written as separate tables)."""
+    indices = [result.models.index(label) for label in labels]
+    records = sorted((record for record in result.records if record.model in labels),
+                     key=lambda record: labels.index(record.model))
+    settings = {**result.settings, "models": [result.settings["models"][index] for index in indices]}
+    return build_result(result.title, labels, result.columns, records, settings, result.notes)
+
+
 def beaten_columns(result: EvaluationResult, model: str, baseline: str) -> dict[str, bool]:
     """Per column where both rows have a value: whether ``model``'s mean is better than ``baseline``'s."""
     ours, theirs = (result.summaries[result.models.index(label)] for label in (model, baseline))

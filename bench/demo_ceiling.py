@@ -36,12 +36,11 @@ import torch
 from scipy import ndimage
 
 from targan_cli.core.intensity import best_intensity_mapping, body_mask
-from targan_cli.core.slicing import plane_fit
 from targan_cli.data.dataset import Case, open_data_dir
 from targan_cli.io.volume import read_volume
 from targan_cli.io.weights import load_weights
 from targan_cli.workflows.demo import DATA, FULL, PAIRED_METRICS, RUN
-from targan_cli.workflows.evaluate import (BACKGROUND, EvaluatedModel, _resize_slices, evaluate_models,
+from targan_cli.workflows.evaluate import (BACKGROUND, EvaluatedModel, at_model_size, evaluate_models,
                                            generator_model, intensity_oracle, paired_truth, trivial_baselines,
                                            verdict)
 from targan_cli.workflows.segment import label_slices
@@ -73,8 +72,7 @@ def oracle(label: str, modalities, image_size: int, kind: str) -> EvaluatedModel
             return best_intensity_mapping(ndimage.gaussian_filter(slices, sigma=(0, 1, 1)), truth, body)
         mapped = best_intensity_mapping(slices, truth, body)  # "flat liver"
         label = label_slices(case.label, read_volume(case.image)).astype(np.float32)
-        fit = plane_fit(label.shape[1], label.shape[2], image_size)
-        liver = _resize_slices(label * 2 - 1, fit, to_model_size=True) > 0  # at least half liver
+        liver = at_model_size(label * 2 - 1, image_size) > 0  # at least half liver
         return np.where(liver, np.float32(truth[liver].mean()), mapped)
 
     return EvaluatedModel(label, tuple(modalities), image_size, translate, {"source": label})

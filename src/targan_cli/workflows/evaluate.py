@@ -373,8 +373,12 @@ def paired_truth(case: Case, target: str, settings: IntensitySettings, image_siz
     """``case``'s paired rendering in ``target``, normalized with ``settings``, as (Z, S, S) slices at
     the model size ``image_size``: what a translation of ``case`` is scored against."""
     truth = to_slices(read_on_grid(case.paired[target], read_volume(case.image), "paired rendering"))[0]
-    truth = normalize(truth, settings)
-    return _resize_slices(truth, plane_fit(truth.shape[1], truth.shape[2], image_size), to_model_size=True)
+    return at_model_size(normalize(truth, settings), image_size)
+
+
+def at_model_size(slices: np.ndarray, image_size: int) -> np.ndarray:
+    """(Z, H, W) slices in [-1, 1] padded and resized to (Z, S, S), as every evaluated model sees them."""
+    return _resize_slices(slices, plane_fit(slices.shape[1], slices.shape[2], image_size), to_model_size=True)
 
 
 def intensity_oracle(modalities: Sequence[ModalitySpec], image_size: int) -> EvaluatedModel:

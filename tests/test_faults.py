@@ -274,9 +274,9 @@ def test_a_full_disk_stops_a_translate_folder_run(tmp_path: Path, weights: Path,
     for name, seed in (("a", 1), ("b", 2), ("c", 3)):
         _ct(inputs / f"{name}.nii.gz", SHAPE, seed)
     translated = []
-    run_model = translate_module.run_model
-    monkeypatch.setattr(translate_module, "run_model", lambda prepared, *a, **k: (
-        translated.append(prepared.volume.source.name), run_model(prepared, *a, **k))[1])
+    add = translate_module.ModelStage.add
+    monkeypatch.setattr(translate_module.ModelStage, "add", lambda stage, key, read: (
+        translated.append(read[1].volume.source.name), add(stage, key, read))[1])
     monkeypatch.setattr(volume_module, "save_nifti", no_space(after_calls=1, write=volume_module.save_nifti))
 
     line = _one_error_line(runner.invoke(COMMAND, ["translate", str(inputs), "--from", "ct", "--to", "t1w", "-o",

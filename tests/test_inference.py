@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from targan_cli.core.inference import translate_slices
+from targan_cli.core.inference import SliceBatcher, SliceJob, translate_slices
 from targan_cli.core.networks import Generator
+from targan_cli.core.slicing import from_model, plane_fit, to_model
 from weights_factories import tiny_generator
 
 
@@ -90,6 +91,77 @@ def test_bad_arguments_raise(generator: Generator, kwargs: dict, message: str) -
 def test_slices_must_be_three_dimensional(generator: Generator) -> None:
     with pytest.raises(ValueError, match=r"expected slices \(Z, H, W\)"):
         translate_slices(generator, np.zeros((8, 8), np.float32), target=0)
+
+
+def _batch_sizes(generator: Generator) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    sizes: list[int] = []
+    return sizes, generator.register_forward_hook(lambda module, args, output: sizes.append(len(args[0])))
+
+
+def _alone_in_a_full_batch(generator: Generator, plane: np.ndarray, target: int, batch_size: int) -> np.ndarray:
+    """One slice through the generator directly, in a batch of ``batch_size`` copies of itself."""
+    fit = plane_fit(*plane.shape, generator.config.image_size)
+    with torch.inference_mode():
+        images = to_model(torch.from_numpy(plane)[None, None].expand(batch_size, 1, -1, -1), fit, fill=-1.0)
+        return from_model(generator(images, torch.full((batch_size,), target)), fit).clamp(-1, 1)[0, 0].numpy()
+
+
+def test_spanning_batches_are_full_and_give_each_slice_its_own_bits(generator: Generator) -> None:
+    """Three volumes of different planes and targets, 6 + 3 + 13 slices, in full batches of 16 that
+    span them; every slice is bit for bit the generator's output on that slice alone (in a full batch,
+    the batch size the kernels see). Fails if the last batch is not padded (6 slices on one thread
+    differ from 16 in the last bit) or if a slice lands in another volume's output."""
+    jobs = [SliceJob(_slices(shape, seed), target, np.empty(shape, np.float32))
+            for shape, seed, target in (((6, 24, 20), 5, 1), ((3, 16, 16), 6, 0), ((13, 24, 20), 7, 2))]
+    finished: list[int] = []
+    for index, job in enumerate(jobs):
+        job.done = lambda index=index: finished.append(index)
+    sizes, hook = _batch_sizes(generator)
+    try:
+        batcher = SliceBatcher(generator, batch_size=16, span=True)
+        for job in jobs:
+            batcher.add(job)
+        batcher.run()  # 22 slices waiting: one full batch, the 6 left wait for more
+        assert sizes == [16] and finished == [0, 1]
+        batcher.run(flush=True)
+    finally:
+        hook.remove()
+    assert sizes == [16, 16] and finished == [0, 1, 2]
+    for job in jobs:
+        expected = np.stack([_alone_in_a_full_batch(generator, plane, job.target, 16) for plane in job.slices])
+        assert np.array_equal(job.out, expected)
+
+
+def test_without_span_each_volume_is_batched_on_its_own(generator: Generator) -> None:
+    sizes, hook = _batch_sizes(generator)
+    try:
+        batcher = SliceBatcher(generator, batch_size=4, span=False)
+        outputs = [np.empty((count, 16, 16), np.float32) for count in (5, 3)]
+        for count, out in zip((5, 3), outputs):
+            batcher.add(SliceJob(_slices((count, 16, 16), count), 1, out))
+        batcher.run()  # without span nothing waits for a later volume
+    finally:
+        hook.remove()
+    assert sizes == [4, 1, 3]
+
+
+def test_a_follow_up_job_runs_ahead_of_the_waiting_ones_and_may_read_the_finished_output(
+        generator: Generator) -> None:
+    """The QC cycle: when the first pass (in place) is done, a second pass over its output is added
+    first; it equals translating the first pass's output on its own."""
+    slices, other = _slices((4, 16, 16), 8), _slices((8, 16, 16), 9)
+    first = slices.copy()
+    cycled = np.empty_like(slices)
+    order: list[str] = []
+    batcher = SliceBatcher(generator, batch_size=4, span=True)
+    batcher.add(SliceJob(first, 1, first, lambda: (order.append("first"), batcher.add(
+        SliceJob(first, 0, cycled, lambda: order.append("cycle")), first=True))))
+    batcher.add(SliceJob(other, 1, np.empty_like(other), lambda: order.append("other")))
+    batcher.run(flush=True)
+    assert order == ["first", "cycle", "other"]
+    expected = translate_slices(generator, slices, target=1, batch_size=4)
+    assert np.array_equal(first, expected)
+    assert np.array_equal(cycled, translate_slices(generator, expected, target=0, batch_size=4))
 
 
 @pytest.mark.gpu

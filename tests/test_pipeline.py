@@ -16,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import targan_cli.core.inference as inference_module
 import targan_cli.workflows.enrich as enrich_module
 import targan_cli.workflows.translate as translate_module
 from targan_cli.cli import app
@@ -140,6 +141,41 @@ def test_streaming_writes_the_same_outputs_as_one_at_a_time(tmp_path: Path, weig
             sequential.with_name(f"case{index}.json"))
 
 
+@pytest.mark.parametrize("qc", [False, True])
+def test_batches_spanning_volumes_give_the_same_outputs_as_one_at_a_time(tmp_path: Path, weights: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        qc: bool) -> None:
+    """Batches as on CUDA (full, spanning volumes) on the CPU: the streamed run puts 22 slices (4
+    volumes of 5 or 6) through 2 batches of 16 (with QC, the cycles too), the one-at-a-time run
+    pads every volume's batch; the files and sidecars (QC scores included) are the same bytes."""
+    monkeypatch.setattr(inference_module, "spans_volumes", lambda device: True)
+    cases = _folder(tmp_path / "cases")
+    sizes: dict[int, list[int]] = {0: [], 2: []}
+    current: list[list[int]] = []  # the batch sizes of the run going on
+    real_load = translate_module.load_weights
+
+    def load(*args, **kwargs):  # a hook on the generator the run loads, counting its batches
+        loaded = real_load(*args, **kwargs)
+        loaded.generator.register_forward_hook(lambda module, inputs, output: current[-1].append(len(inputs[0])))
+        return loaded
+
+    monkeypatch.setattr(translate_module, "load_weights", load)
+    for workers in (0, 2):
+        current.append(sizes[workers])
+        translate(cases, tmp_path / f"out{workers}", to="t2w", source="ct", weights=weights, device="cpu",
+                  io_workers=workers, qc=qc, command_line="targan translate")
+    passes = 2 if qc else 1
+    assert set(sizes[0]) == set(sizes[2]) == {16}
+    assert len(sizes[0]) == 4 * passes and len(sizes[2]) < len(sizes[0])  # volumes shared batches
+    for index in range(4):
+        sequential, streamed = tmp_path / "out0" / f"case{index}.nii.gz", tmp_path / "out2" / f"case{index}.nii.gz"
+        assert gzip.decompress(streamed.read_bytes()) == gzip.decompress(sequential.read_bytes())
+        assert _without_times(streamed.with_name(f"case{index}.json")) == _without_times(
+            sequential.with_name(f"case{index}.json"))
+    if qc:
+        assert "QC" in _without_times(tmp_path / "out2" / "case0.json")
+
+
 def test_a_volume_that_fails_is_reported_and_the_others_are_written(tmp_path: Path, weights: Path) -> None:
     cases = _folder(tmp_path / "cases", 3)
     write_nifti(cases / "case1.nii.gz", np.full((20, 24, 5), 7, np.int16), canonical_affine(SHAPE))  # blank MR
@@ -162,16 +198,16 @@ def test_a_volume_that_fails_is_reported_and_the_others_are_written(tmp_path: Pa
 def test_ctrl_c_in_a_folder_run_leaves_complete_outputs_only(tmp_path: Path, weights: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     cases = _folder(tmp_path / "cases", 5)
-    real = translate_module.run_model
+    real = translate_module.ModelStage.add
     calls = [0]
 
     def interrupted(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == 3:
+        if calls[0] == 3:  # the model is given case2
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(translate_module, "run_model", interrupted)
+    monkeypatch.setattr(translate_module.ModelStage, "add", interrupted)
     with pytest.raises(KeyboardInterrupt):
         translate(cases, tmp_path / "out", to="t2w", source="ct", weights=weights, device="cpu", io_workers=2)
     # case0 was written; case1's write was handed to a writer thread, which either had started it
@@ -221,7 +257,11 @@ def _contents(folder: Path) -> dict[str, object]:
     return contents
 
 
-def test_enrich_streaming_writes_the_same_dataset_as_one_at_a_time(tmp_path: Path, weights: Path) -> None:
+@pytest.mark.parametrize("span", [False, True])
+def test_enrich_streaming_writes_the_same_dataset_as_one_at_a_time(tmp_path: Path, weights: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch, span: bool) -> None:
+    """With ``span`` as on CUDA: the cases' channels in full batches that span cases."""
+    monkeypatch.setattr(inference_module, "spans_volumes", lambda device: span)
     images, labels = _labelled_folder(tmp_path / "in", 3)
     results = {workers: enrich(images, tmp_path / f"raw{workers}", source="ct", weights=weights, labels=labels,
                                device="cpu", io_workers=workers) for workers in (0, 2)}
@@ -255,16 +295,16 @@ def test_enrich_reports_a_bad_case_and_writes_the_others(tmp_path: Path, weights
 def test_ctrl_c_in_enrich_leaves_complete_cases_only(tmp_path: Path, weights: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     images, labels = _labelled_folder(tmp_path / "in", 4)
-    real = enrich_module.run_model
+    real = enrich_module.ModelStage.add
     calls = [0]
 
     def interrupted(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == 3:  # the first channel of the second case
+        if calls[0] == 2:  # the model is given the second case
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(enrich_module, "run_model", interrupted)
+    monkeypatch.setattr(enrich_module.ModelStage, "add", interrupted)
     with pytest.raises(KeyboardInterrupt):
         enrich(images, tmp_path / "raw", source="ct", weights=weights, labels=labels, device="cpu", io_workers=2)
     folder = tmp_path / "raw" / "Dataset501_LiverCTEnriched"

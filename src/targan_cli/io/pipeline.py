@@ -2,16 +2,17 @@
 
 Reader threads decode the next items while the caller's thread processes the current one (the
 model, on one device), and writer threads encode and write the finished ones. Threads, not
-processes: gzip (zlib) and NumPy release the GIL, and the volumes need no pickling. Memory stays
-bounded: at most ``workers`` items read ahead, one being processed and ``workers`` waiting to be
-written (2 x ``workers`` + 1 volumes in flight). Outcomes come back in the items' order, so the
-outputs and their order are those of the one-at-a-time loop (``workers`` 0).
+processes: gzip (zlib, ISA-L) and NumPy release the GIL, and the volumes need no pickling. The
+process step is a function of one item, or a ``Stage`` that may hold an item until later ones
+arrive (a model whose batches span volumes). Memory stays bounded: at most ``workers`` items read
+ahead, those the process step holds (one; two when its batches span volumes) and ``workers``
+waiting to be written. Outcomes come back in the items' order, so the outputs and their order are
+those of the one-at-a-time loop (``workers`` 0, where a ``Stage`` is flushed after every item).
 
 An error of a kind in ``expected`` fails its item only; the others go on. A full disk
 (``DiskFullError``), any other error, and Ctrl-C cancel what has not started, wait for the running
 threads (a write in progress finishes its atomic rename or leaves only its temporary, which
-io.atomic removes) and propagate: after a full disk every later write would fail too.
-"""
+io.atomic removes) and propagate: after a full disk every later write would fail too."""
 
 from __future__ import annotations
 
@@ -65,34 +66,78 @@ def _call(function: Callable, value: object, expected: tuple[type[BaseException]
         return None, error
 
 
-def stream(items: Iterable[Item], read: Callable[[Item], Read], process: Callable[[Item, Read], Done],
+class Stage(Generic[Read, Done]):
+    """The middle step of ``stream`` when it needs several items at once (a model whose batches span
+    volumes): ``add`` hands it each item's read value under a key, in order; ``take`` returns the
+    items it has finished, as (key, result, expected error or None), and with ``flush`` finishes and
+    returns all it holds. ``stream`` puts them back in order. Runs in the calling thread."""
+
+    def add(self, key: int, value: Read) -> None:
+        raise NotImplementedError
+
+    def take(self, flush: bool) -> list[tuple[int, Done | None, BaseException | None]]:
+        raise NotImplementedError
+
+
+class _EachItem(Stage):
+    """A ``process(item, value)`` function as a ``Stage`` that finishes each item as it comes."""
+
+    def __init__(self, process: Callable, items: list, expected: tuple[type[BaseException], ...]) -> None:
+        self.process, self.items, self.expected = process, items, expected
+        self.finished: list[tuple[int, object, BaseException | None]] = []
+
+    def add(self, key: int, value: object) -> None:
+        self.finished.append((key, *_call(partial(self.process, self.items[key]), value, self.expected)))
+
+    def take(self, flush: bool) -> list[tuple[int, object, BaseException | None]]:
+        finished, self.finished = self.finished, []
+        return finished
+
+
+def stream(items: Iterable[Item], read: Callable[[Item], Read], process: Callable[[Item, Read], Done] | Stage,
            write: Callable[[Item, Done], Written], *, workers: int,
            expected: tuple[type[BaseException], ...] = ()) -> Iterator[Outcome[Item, Written]]:
     """Each item's ``Outcome`` in order: ``write(item, process(item, read(item)))``, ``read`` and
     ``write`` on ``workers`` threads each (0: all in this thread, one item after the other), ``process``
-    always in the calling thread."""
+    always in the calling thread. ``process`` may be a ``Stage``, which may hold items until later
+    ones arrive; with ``workers`` 0 it is flushed after every item (one item at a time)."""
     items = list(items)
+    stage = process if isinstance(process, Stage) else _EachItem(process, items, expected)
     if workers == 0:
-        for item in items:
+        for key, item in enumerate(items):
             value, error = _call(read, item, expected)
             if error is None:
-                value, error = _call(partial(process, item), value, expected)
+                stage.add(key, value)
+                [(_, value, error)] = stage.take(flush=True)
             if error is None:
                 value, error = _call(partial(write, item), value, expected)
             yield Outcome(item, value, error)
         return
     readers = ThreadPoolExecutor(workers, thread_name_prefix="targan-read")
     writers = ThreadPoolExecutor(workers, thread_name_prefix="targan-write")
-    reads: deque[tuple[Item, Future]] = deque()
+    reads: deque[tuple[int, Future]] = deque()
+    held: deque[int] = deque()  # keys read but not yet handed to a writer, in order
+    results: dict[int, tuple[object, BaseException | None]] = {}
     writes: deque[tuple[Item, Future | BaseException]] = deque()
-    upcoming = iter(items)
+    upcoming = iter(enumerate(items))
     try:
         def fill() -> None:
             while len(reads) < workers:
-                item = next(upcoming, _END)
+                key, item = next(upcoming, (None, _END))
                 if item is _END:
                     return
-                reads.append((item, readers.submit(_call, read, item, expected)))
+                reads.append((key, readers.submit(_call, read, item, expected)))
+
+        def hand_over(finished: list[tuple[int, object, BaseException | None]]) -> None:
+            """The finished items to the writers, in order: an item waits for those before it."""
+            for key, value, error in finished:
+                results[key] = (value, error)
+            while held and held[0] in results:
+                key = held.popleft()
+                value, error = results.pop(key)
+                item = items[key]
+                writes.append((item, error if error is not None else
+                               writers.submit(_call, partial(write, item), value, expected)))
 
         def finished(block: bool) -> Iterator[Outcome[Item, Written]]:
             while writes and (block or len(writes) > workers or
@@ -106,16 +151,17 @@ def stream(items: Iterable[Item], read: Callable[[Item], Read], process: Callabl
 
         fill()
         while reads:
-            item, future = reads.popleft()
+            key, future = reads.popleft()
             value, error = future.result()
             fill()
+            held.append(key)
             if error is None:
-                value, error = _call(partial(process, item), value, expected)
-            if error is None:
-                writes.append((item, writers.submit(_call, partial(write, item), value, expected)))
+                stage.add(key, value)
             else:
-                writes.append((item, error))
+                results[key] = (None, error)
+            hand_over(stage.take(flush=False))
             yield from finished(block=False)
+        hand_over(stage.take(flush=True))
         yield from finished(block=True)
     finally:
         # Normal end: nothing is pending. Ctrl-C or an unexpected error: drop what has not started.

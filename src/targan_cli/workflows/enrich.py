@@ -45,8 +45,8 @@ from targan_cli.io.provenance import output_state, sha256_file, sidecar_path
 from targan_cli.io.volume import (NIFTI_SUFFIXES, Volume, case_id, list_volumes, read_label, read_volume,
                                   write_volume)
 from targan_cli.io.weights import WEIGHTS_FILE, Weights, load_weights, weights_inputs
-from targan_cli.workflows.translate import (Prepared, RunContext, SourceChoice, Translation, current_command_line,
-                                            finish_output, prepare_input, record, run_model, run_settings,
+from targan_cli.workflows.translate import (ModelStage, Prepared, RunContext, SourceChoice, Translation,
+                                            current_command_line, finish_output, prepare_input, record, run_settings,
                                             write_synthetic)
 
 FILE_ENDING = ".nii.gz"
@@ -484,13 +484,11 @@ def enrich(
                           else prepare_input(volume, context.weights.config, source, target))
         return volume, mask, inputs
 
-    def translate_case(item: tuple[EnrichCase, list[Path]], read: tuple) -> tuple:
-        """Every channel of a case, in this (the model's) thread; then the dataset folder is made
-        ready, once, before the first case's files are written."""
-        for prepared, context in zip(read[2], contexts):
-            run_model(prepared, context.weights, batch_size=batch_size, dtype=dtype)
+    def case_volumes(key: int, read: tuple) -> list[tuple[Prepared, Weights]]:
+        """Every channel of a case for the model (this thread); the dataset folder is made ready, once,
+        before the first case's files are written."""
         prepare()
-        return read
+        return [(prepared, context.weights) for prepared, context in zip(read[2], contexts)]
 
     def write_case(item: tuple[EnrichCase, list[Path]], done: tuple) -> None:
         volume, mask, inputs = done
@@ -498,7 +496,8 @@ def enrich(
         _write_case(*item, volume, mask, translations, source, contexts)
 
     written, failed = [], []
-    for outcome in stream(todo, read_case, translate_case, write_case, workers=io_workers,
+    model = ModelStage(case_volumes, batch_size=batch_size, dtype=dtype)
+    for outcome in stream(todo, read_case, model, write_case, workers=io_workers,
                           expected=(TarganError,)):
         if outcome.error is None:
             written.append(outcome.item[0].case_id)

@@ -25,7 +25,7 @@ import torch
 from targan_cli import __version__
 from targan_cli.config import WeightsConfig
 from targan_cli.core.device import check_precision, pick_device
-from targan_cli.core.inference import classify_slices, generator_device, translate_slices
+from targan_cli.core.inference import SliceBatcher, SliceJob, classify_slices
 from targan_cli.core.intensity import body_mask, denormalize, guess_kind, normalize, robust_high
 from targan_cli.core.qc import (CLIP_WARNING_FRACTION, CYCLE_CHECK, CYCLE_POOR, FLAGGED_SHARE_CHECK,
                                 MIN_BODY_FRACTION, Grade, ModalityVote, clipped_fraction, cycle_errors, grade,
@@ -35,7 +35,7 @@ from targan_cli.io.atomic import check_apart, check_writable
 from targan_cli.io.dicom import (SERIES_KIND, DicomSeries, check_series_folder, check_series_option, folder_cases,
                                  is_targan_series, read_input, save_dicom)
 from targan_cli.io.montage import describe_window, modality_window, save_montage
-from targan_cli.io.pipeline import check_workers, stream
+from targan_cli.io.pipeline import Stage, check_workers, stream
 from targan_cli.io.volume import (Volume, canonical_depth, case_id, check_nifti_output, from_slices, is_nifti_file,
                                   is_nifti_name, is_volume_path, save_volume, SliceFrame, slice_frame, to_slices)
 from targan_cli.io.provenance import (RUN_KEY, OutputState, output_state, read_sidecar, sha256_file, sidecar_path,
@@ -343,25 +343,83 @@ def prepare_input(volume: Volume, config: WeightsConfig, source: str, target: st
 def run_model(prepared: Prepared, weights: Weights, *, batch_size: int, dtype: torch.dtype | None,
               progress: Callable[[int], None] | None = None) -> None:
     """The generator on ``prepared.normalized`` (in place); with QC, the modality check and the cycle
-    (the output translated back to the source, compared with the input in the body) after it."""
-    config = weights.config
-    device = generator_device(weights.generator)
-    qc = prepared.source_normalized is not None
-    vote = _modality_vote(weights, prepared.normalized, prepared.body, batch_size) if qc else None
-    translate_slices(weights.generator, prepared.normalized, config.modality_index(prepared.target),
-                     batch_size=batch_size, device=device, dtype=dtype, progress=progress, out=prepared.normalized)
-    if not qc:
-        return
-    cycled = np.empty_like(prepared.normalized)
-    translate_slices(weights.generator, prepared.normalized, config.modality_index(prepared.source),
-                     batch_size=batch_size, device=device, dtype=dtype, progress=progress, out=cycled)
-    per_slice, volume_error = cycle_errors(prepared.source_normalized, cycled, prepared.body)
-    body_fraction = float(prepared.body.mean())
-    source_settings = config.intensity(prepared.source)
-    unit = "HU" if source_settings.kind == "ct" else "MR units" if prepared.span is not None else ""
-    prepared.quality = Quality(grade(per_slice, volume_error, body_fraction, vote, prepared.source), volume_error,
-                               per_slice, prepared.span, unit, body_fraction, vote)
-    prepared.source_normalized = None
+    (the output translated back to the source, compared with the input in the body) after it: one
+    volume through a ``ModelStage``."""
+    stage = ModelStage(lambda key, value: [(value, weights)], batch_size=batch_size, dtype=dtype, progress=progress)
+    stage.add(0, prepared)
+    stage.take(flush=True)
+
+
+class ModelStage(Stage):
+    """The model step of a folder run (``io.pipeline.stream``): each item's ``Prepared`` volumes
+    (``volumes(key, value)``: one per channel, with the weights that translate it) go through their
+    generator in batches that span volumes (``core.inference.SliceBatcher``, one per generator),
+    so that every batch is full but the last of the run; the outputs are the same bits as one
+    volume at a time. An item is finished when all its volumes are translated, with QC also cycled
+    back and scored; its modality check runs when it is added (before the output overwrites the
+    input). Holds at most the volumes whose slices a batch still needs: one or two."""
+
+    def __init__(self, volumes: Callable[[int, object], list[tuple[Prepared, Weights]]], *, batch_size: int,
+                 dtype: torch.dtype | None, progress: Callable[[int], None] | None = None) -> None:
+        self.volumes, self.batch_size, self.dtype, self.progress = volumes, batch_size, dtype, progress
+        self.batchers: dict[int, SliceBatcher] = {}
+        self.values: dict[int, object] = {}
+        self.left: dict[int, int] = {}  # per key, the volumes not yet finished
+        self.finished: list[int] = []
+
+    def add(self, key: int, value: object) -> None:
+        volumes = self.volumes(key, value)
+        self.values[key], self.left[key] = value, len(volumes)
+        for prepared, weights in volumes:
+            self._start(key, prepared, weights)
+        if not volumes:
+            self.finished.append(key)
+
+    def take(self, flush: bool) -> list[tuple[int, object, None]]:
+        for batcher in self.batchers.values():
+            batcher.run(flush)
+        finished, self.finished = self.finished, []
+        return [(key, self.values.pop(key), None) for key in finished]
+
+    def _batcher(self, weights: Weights) -> SliceBatcher:
+        key = id(weights.generator)
+        if key not in self.batchers:
+            self.batchers[key] = SliceBatcher(weights.generator, batch_size=self.batch_size, dtype=self.dtype,
+                                              progress=self.progress)
+        return self.batchers[key]
+
+    def _done(self, key: int) -> None:
+        self.left[key] -= 1
+        if self.left[key] == 0:
+            del self.left[key]
+            self.finished.append(key)
+
+    def _start(self, key: int, prepared: Prepared, weights: Weights) -> None:
+        config = weights.config
+        batcher = self._batcher(weights)
+        if prepared.source_normalized is None:
+            batcher.add(SliceJob(prepared.normalized, config.modality_index(prepared.target), prepared.normalized,
+                                 lambda: self._done(key)))
+            return
+        vote = _modality_vote(weights, prepared.normalized, prepared.body, self.batch_size)
+        cycled = np.empty_like(prepared.normalized)
+
+        def scored() -> None:
+            per_slice, volume_error = cycle_errors(prepared.source_normalized, cycled, prepared.body)
+            body_fraction = float(prepared.body.mean())
+            source_settings = config.intensity(prepared.source)
+            unit = "HU" if source_settings.kind == "ct" else "MR units" if prepared.span is not None else ""
+            prepared.quality = Quality(grade(per_slice, volume_error, body_fraction, vote, prepared.source),
+                                       volume_error, per_slice, prepared.span, unit, body_fraction, vote)
+            prepared.source_normalized = None
+            self._done(key)
+
+        def translated() -> None:  # back to the source, ahead of the waiting volumes
+            batcher.add(SliceJob(prepared.normalized, config.modality_index(prepared.source), cycled, scored),
+                        first=True)
+
+        batcher.add(SliceJob(prepared.normalized, config.modality_index(prepared.target), prepared.normalized,
+                             translated))
 
 
 def finish_output(prepared: Prepared, config: WeightsConfig) -> Translation:
@@ -701,12 +759,11 @@ def translate(
                               lambda candidates: predict_source(loaded, volume, candidates))
         return choice, prepare_input(volume, loaded.config, choice.name, to, qc), dicom
 
-    def translate_one(index: int, read: tuple) -> tuple:
+    def model_volumes(key: int, read: tuple) -> list[tuple[Prepared, Weights]]:
         choice, prepared, dicom = read
         if dicom is not None and dicom.skipped_note is not None:
-            notes.append(f"{inputs[index]}: {dicom.skipped_note}")
-        run_model(prepared, loaded, batch_size=batch_size, dtype=dtype, progress=slice_progress)
-        return read
+            notes.append(f"{inputs[pending[key]]}: {dicom.skipped_note}")
+        return [(prepared, loaded)]
 
     def write_one(index: int, done: tuple) -> tuple[SourceChoice, Translation]:
         choice, prepared, dicom = done
@@ -717,7 +774,8 @@ def translate(
         return choice, translation
 
     pending = [index for index in range(len(inputs)) if index not in reports]
-    for outcome in stream(pending, read_one, translate_one, write_one, workers=io_workers if folder_run else 0,
+    model = ModelStage(model_volumes, batch_size=batch_size, dtype=dtype, progress=slice_progress)
+    for outcome in stream(pending, read_one, model, write_one, workers=io_workers if folder_run else 0,
                           expected=(TarganError,) if folder_run else ()):
         index, state = outcome.item, states[outcome.item]
         if outcome.error is not None:

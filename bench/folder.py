@@ -16,11 +16,14 @@ tuned malloc keeps from earlier runs would be counted). ``--levels`` also times 
 levels on one translated output (size against time). ``--compare-src DIR`` times the file path
 alone, one volume at a time on one thread, of this tree and of another checkout's ``src/`` (an
 older commit: ``git worktree add /tmp/old 54cf249``), each in a fresh subprocess, alternating,
-``--rounds`` times, and prints the medians and their ratio.
+``--rounds`` times, and prints the medians and their ratio. ``--device cuda --precision bf16`` runs
+the model there; ``--span on|off`` forces batches that span volumes (``core.inference.spans_volumes``;
+default ``auto``: on CUDA only), so a GPU session can time (d) both ways.
 
     .venv/bin/python bench/folder.py --preset small --volumes 16 --rounds 3
     .venv/bin/python bench/folder.py --small          # 4 volumes of depth 80-100, 2 rounds
     .venv/bin/python bench/folder.py --small --compare-src /tmp/old/src
+    python bench/folder.py --device cuda --precision bf16 --span off   # then --span on
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from targan_cli.config import PRESETS, WeightsConfig, official_modalities, preset  # noqa: E402
+import targan_cli.core.inference as inference  # noqa: E402
 from targan_cli.core.device import configure_process  # noqa: E402
 from targan_cli.core.inference import translate_slices  # noqa: E402
 from targan_cli.core.intensity import normalize  # noqa: E402
@@ -65,6 +69,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--io-workers", type=int, default=default_workers(), help="threads of the streaming runs")
     parser.add_argument("--model-volumes", type=int, default=2, help="volumes the model alone (b) translates")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--span", default="auto", choices=("auto", "on", "off"),
+                        help="batches that span volumes: auto (on CUDA only), on, off")
     parser.add_argument("--levels", action="store_true", help="also time gzip levels 1, 3, 6, 9 of one output")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/targan-bench-folder"))
     parser.add_argument("--compare-src", type=Path, help="only time the file path of this tree against that of "
@@ -116,29 +124,32 @@ def identity(self: Generator, x: torch.Tensor, target: torch.Tensor, area: torch
 
 
 def folder_run(folder: Path, weights: Path, output: Path, workers: int, batch_size: int,
-               model: bool = True) -> float:
+               model: bool = True, device: str = "cpu", precision: str = "fp32") -> float:
     """Slices/s of one real folder run (the identity generator when not ``model``)."""
     shutil.rmtree(output, ignore_errors=True)
     forward = Generator.forward
     if not model:
         Generator.forward = identity
     try:
-        result = translate(folder, output, to="t2w", source="ct", weights=weights, device="cpu",
-                           batch_size=batch_size, io_workers=workers, command_line="bench/folder.py")
+        result = translate(folder, output, to="t2w", source="ct", weights=weights, device=device,
+                           precision=precision, batch_size=batch_size, io_workers=workers,
+                           command_line="bench/folder.py")
     finally:
         Generator.forward = forward
     return result.slices / result.seconds
 
 
-def model_alone(folder: Path, weights: Path, volumes: int, batch_size: int) -> float:
+def model_alone(folder: Path, weights: Path, volumes: int, batch_size: int, device: str = "cpu",
+                precision: str = "fp32") -> float:
     """Slices/s of ``translate_slices`` on slices normalized beforehand."""
-    loaded = load_weights(weights, None, torch.device("cpu"))
+    loaded = load_weights(weights, None, torch.device(device))
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     settings = loaded.config.intensity("ct")
     slices = np.concatenate([normalize(to_slices(read_volume(path))[0], settings)
                              for path in list_volumes(folder)[:volumes]])
     target = loaded.config.modality_index("t2w")
     started = time.perf_counter()
-    translate_slices(loaded.generator, slices, target, batch_size=batch_size)
+    translate_slices(loaded.generator, slices, target, batch_size=batch_size, dtype=dtype)  # returns on the host
     return len(slices) / (time.perf_counter() - started)
 
 
@@ -179,6 +190,7 @@ def gzip_levels(output_folder: Path) -> None:
 # time) where the tree has it. Prints slices/s and the process's peak RSS in bytes.
 FOLDER_RUN_ONCE = """
 import inspect, os, resource, shutil, sys, time
+from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from targan_cli.core.device import configure_process
@@ -187,21 +199,31 @@ from targan_cli.workflows.translate import translate
 configure_process()
 folder, weights, output, what = sys.argv[1:5]
 workers = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+device = sys.argv[6] if len(sys.argv) > 6 else "cpu"
 if what == "file":
     torch.set_num_threads(1)
     Generator.forward = lambda self, x, target, area=None: x
 options = {"io_workers": workers} if "io_workers" in inspect.signature(translate).parameters else {}
 shutil.rmtree(output, ignore_errors=True)
 started = time.perf_counter()
-result = translate(folder, output, to="t2w", source="ct", weights=weights, device="cpu", batch_size=16, **options)
-print(result.slices / (time.perf_counter() - started), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+result = translate(folder, output, to="t2w", source="ct", weights=weights, device=device, batch_size=16, **options)
+rate = result.slices / (time.perf_counter() - started)
+# The peak of this process's own memory: VmHWM, where Linux has it. ru_maxrss would also count the
+# parent's peak, which Linux carries over into the child's at exec.
+status = Path("/proc/self/status")
+peak = ([int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("VmHWM:")]
+        if status.exists() else [])
+print(rate, peak[0] if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
-def fresh_peak(folder: Path, weights: Path, output: Path, workers: int) -> int:
+def fresh_peak(folder: Path, weights: Path, output: Path, workers: int, device: str = "cpu") -> int:
     """Peak RSS (bytes) of one whole folder run with ``workers`` in a fresh process: in this one,
-    the heap that tuned malloc keeps from the earlier runs would be counted too."""
-    command = [sys.executable, "-c", FOLDER_RUN_ONCE, str(folder), str(weights), str(output), "model", str(workers)]
+    the heap that tuned malloc keeps from the earlier runs would be counted too. The child reports
+    its own high-water mark (VmHWM): its ``ru_maxrss`` would include this process's peak, which
+    Linux carries into a child's at exec (measured: both runs read 2269 MiB, this process's peak)."""
+    command = [sys.executable, "-c", FOLDER_RUN_ONCE, str(folder), str(weights), str(output), "model", str(workers),
+               device]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return int(done.stdout.split()[-1])
 
@@ -239,13 +261,16 @@ def main() -> None:
     workers = args.io_workers
     print(f"{args.volumes} volumes {args.side} x {args.side} x {args.depth[0]}-{args.depth[1]} ({total} slices), "
           f"preset {args.preset}, batch {args.batch_size}, --io-workers {workers}, {os.cpu_count()} cores, "
+          f"device {args.device} {args.precision}, batches spanning volumes {args.span}, "
           f"load average {os.getloadavg()[0]:.2f}")
-    runs = {"a1": lambda: folder_run(folder, weights, args.workdir / "out", 0, args.batch_size, model=False),
-            f"a{workers}": lambda: folder_run(folder, weights, args.workdir / "out", workers, args.batch_size,
-                                              model=False),
-            "b": lambda: model_alone(folder, weights, args.model_volumes, args.batch_size),
-            "c": lambda: folder_run(folder, weights, args.workdir / "out", 0, args.batch_size),
-            "d": lambda: folder_run(folder, weights, args.workdir / "out", workers, args.batch_size)}
+    if args.span != "auto":
+        inference.spans_volumes = lambda device: args.span == "on"
+    once = partial(folder_run, folder, weights, args.workdir / "out", batch_size=args.batch_size, device=args.device,
+                   precision=args.precision)
+    runs = {"a1": lambda: once(0, model=False), f"a{workers}": lambda: once(workers, model=False),
+            "b": lambda: model_alone(folder, weights, args.model_volumes, args.batch_size, args.device,
+                                     args.precision),
+            "c": lambda: once(0), "d": lambda: once(workers)}
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for round_index in range(args.rounds):
         for name, run in runs.items():
@@ -262,7 +287,7 @@ def main() -> None:
           f"{median['d'] / min(median[f'a{workers}'], median['b']):.3f} with (a) at {workers} workers, "
           f"{median['d'] / min(median['a1'], median['b']):.3f} with (a) one at a time (target >= 0.9); "
           f"file path {workers} workers / one: {median[f'a{workers}'] / median['a1']:.2f}x (target >= 1.7)")
-    peaks = {label: fresh_peak(folder, weights, args.workdir / "out", count) for label, count in
+    peaks = {label: fresh_peak(folder, weights, args.workdir / "out", count, args.device) for label, count in
              (("(c) one at a time", 0), (f"(d) streaming, {workers} workers", workers))}
     print("peak RSS of the whole run in a fresh process: " +
           ", ".join(f"{label} {peak / MIB:.0f} MiB" for label, peak in peaks.items()))

@@ -15,9 +15,11 @@ from targan_cli.core.intensity import (
     from_unit,
     normalize,
     robust_high,
+    slabs,
     to_unit,
 )
 from targan_cli.errors import TarganError
+import targan_cli.core.intensity as intensity_module
 
 CT = IntensitySettings(kind="ct", window_level=40.0, window_width=400.0)  # [-160, 240] HU
 
@@ -42,6 +44,28 @@ def test_ct_round_trip_within_the_window_and_clipping_outside() -> None:
     assert np.allclose(back[0, 0, 1:7], hu[0, 0, 1:7], atol=1e-3)
     assert back[0, 0, 0] == -160 and back[0, 0, -1] == 240  # clipped to the window
     assert np.array_equal(denormalize(np.array([-3.0, 2.0]), CT), [-160.0, 240.0])
+
+
+def test_slabs_cover_the_first_axis_once_in_whole_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(intensity_module, "SLAB_VOXELS", 3 * 20)
+    parts = list(slabs(np.zeros((10, 4, 5))))
+    assert [(part.start, min(part.stop, 10)) for part in parts] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert len(list(slabs(np.zeros((2, 100, 100))))) == 2  # a slice larger than a slab: one each
+    assert len(list(slabs(np.zeros(7)))) == 1
+
+
+@pytest.mark.parametrize("slab_slices", [1, 3, 100])
+def test_slab_by_slab_gives_the_bits_of_whole_volume_float32_arithmetic(monkeypatch: pytest.MonkeyPatch,
+                                                                         slab_slices: int) -> None:
+    """CT int16 -> [-1, 1] and back, against the same float32 operations written out on the whole
+    volume here, whatever the slab size."""
+    monkeypatch.setattr(intensity_module, "SLAB_VOXELS", slab_slices * 6 * 7)
+    hu = np.random.default_rng(5).integers(-1100, 1500, (8, 6, 7)).astype(np.int16)
+    unit = np.clip((hu.astype(np.float32) - np.float32(-160.0)) / np.float32(400.0), 0, 1) * np.float32(2) - 1
+    assert normalize(hu, CT).dtype == np.float32 and np.array_equal(normalize(hu, CT), unit)
+    model = np.random.default_rng(6).uniform(-1.5, 1.5, (8, 6, 7)).astype(np.float32)
+    back = (np.clip(model, -1, 1) + np.float32(1)) / np.float32(2) * np.float32(400) + np.float32(-160)
+    assert np.array_equal(denormalize(model, CT), back)
 
 
 def test_mr_volume_round_trip_with_its_own_high() -> None:

@@ -116,6 +116,7 @@ class SliceBatcher:
         self.overlap = self.device.type == "cuda"
         self.span = spans_volumes(self.device) if span is None else span
         self._jobs: deque[SliceJob] = deque()  # with slices not yet in a batch
+        self._codes: dict[int, torch.Tensor] = {}
         self._queued: deque[tuple[list[tuple[SliceJob, int, int, torch.Tensor]], torch.cuda.Event | None]] = deque()
 
     @property
@@ -157,6 +158,13 @@ class SliceBatcher:
                 while len(self._queued) > keep:
                     self._collect()
 
+    def _target_codes(self, target: int) -> torch.Tensor:
+        """``batch_size`` copies of a modality index on the device, made once (no copy from the host
+        per batch, which on CUDA would wait for the queued batches)."""
+        if target not in self._codes:
+            self._codes[target] = torch.full((self.batch_size,), target, dtype=torch.long, device=self.device)
+        return self._codes[target]
+
     def _launch(self) -> None:
         """Put the next ``batch_size`` waiting slices (without ``span``: of one job) through the generator
         (on CUDA, asynchronously)."""
@@ -170,21 +178,22 @@ class SliceBatcher:
             room -= stop - start
             if stop == len(job.slices):
                 self._jobs.popleft()
-        images, targets = [], []
+        images, codes = [], []
         for job, start, stop in pieces:
             batch = torch.from_numpy(np.ascontiguousarray(job.slices[start:stop], dtype=np.float32))
             if self.overlap:
                 batch = batch.pin_memory()
             batch = batch.to(self.device, non_blocking=True).unsqueeze(1)  # (n, 1, H, W)
             images.append(to_model(batch, job.fit, fill=BACKGROUND))  # (n, 1, S, S)
-            targets += [job.target] * (stop - start)
-        count = len(targets)
+            codes.append(self._target_codes(job.target)[: stop - start])
+        count = sum(len(code) for code in codes)
         if self.span and count < self.batch_size:  # the last slice again: see the class's note
             images.append(images[-1][-1:].expand(self.batch_size - count, -1, -1, -1))
-            targets += [targets[-1]] * (self.batch_size - count)
+            codes.append(codes[-1][-1:].expand(self.batch_size - count))
         batch = (torch.cat(images) if len(images) > 1 else images[0]).contiguous(memory_format=self.layout)
+        targets = torch.cat(codes) if len(codes) > 1 else codes[0]
         with autocast(self.device, self.dtype):
-            outputs = self.generator(batch, torch.tensor(targets, device=self.device))
+            outputs = self.generator(batch, targets)
         outputs = outputs[:count].float()
         done = None
         results, offset = [], 0

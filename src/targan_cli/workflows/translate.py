@@ -353,11 +353,12 @@ def run_model(prepared: Prepared, weights: Weights, *, batch_size: int, dtype: t
 class ModelStage(Stage):
     """The model step of a folder run (``io.pipeline.stream``): each item's ``Prepared`` volumes
     (``volumes(key, value)``: one per channel, with the weights that translate it) go through their
-    generator in batches that span volumes (``core.inference.SliceBatcher``, one per generator),
-    so that every batch is full but the last of the run; the outputs are the same bits as one
-    volume at a time. An item is finished when all its volumes are translated, with QC also cycled
-    back and scored; its modality check runs when it is added (before the output overwrites the
-    input). Holds at most the volumes whose slices a batch still needs: one or two."""
+    generator (``core.inference.SliceBatcher``, one per generator), on CUDA in full batches that
+    span volumes, the last of the run padded; the outputs are the same bits as one volume at a
+    time. An item is finished when all its volumes are translated, with QC also cycled back and
+    scored; its modality check runs when it is added (before the output overwrites the input).
+    Holds at most the volumes whose slices a batch still needs: none on the CPU, one or two on
+    CUDA. An error here stops the run (the model's errors are not the input's)."""
 
     def __init__(self, volumes: Callable[[int, object], list[tuple[Prepared, Weights]]], *, batch_size: int,
                  dtype: torch.dtype | None, progress: Callable[[int], None] | None = None) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from targan_cli.core.inference import SliceBatcher, SliceJob, translate_slices
+from targan_cli.core.inference import SliceBatcher, SliceJob, spans_volumes, translate_slices
 from targan_cli.core.networks import Generator
 from targan_cli.core.slicing import from_model, plane_fit, to_model
 from weights_factories import tiny_generator
@@ -130,6 +130,17 @@ def test_spanning_batches_are_full_and_give_each_slice_its_own_bits(generator: G
     for job in jobs:
         expected = np.stack([_alone_in_a_full_batch(generator, plane, job.target, 16) for plane in job.slices])
         assert np.array_equal(job.out, expected)
+
+
+def test_batches_span_volumes_on_cuda_only_and_the_cpu_keeps_each_volumes_batches(generator: Generator) -> None:
+    assert spans_volumes(torch.device("cuda")) and spans_volumes(torch.device("cuda", 1))
+    assert not spans_volumes(torch.device("cpu"))
+    sizes, hook = _batch_sizes(generator)
+    try:
+        translate_slices(generator, _slices((7, 16, 16)), target=0, batch_size=3)  # the CPU's default
+    finally:
+        hook.remove()
+    assert sizes == [3, 3, 1]  # the last batch not padded
 
 
 def test_without_span_each_volume_is_batched_on_its_own(generator: Generator) -> None:

@@ -22,7 +22,7 @@ import targan_cli.workflows.translate as translate_module
 from targan_cli.cli import app
 from targan_cli.config import IntensitySettings
 from targan_cli.errors import TarganError
-from targan_cli.io.pipeline import stream
+from targan_cli.io.pipeline import Stage, stream
 from targan_cli.workflows.enrich import enrich, verify_nnunet_dataset
 from targan_cli.workflows.segment import SegmenterConfig, build_network, save_segmenter, segment
 from targan_cli.workflows.translate import translate
@@ -68,6 +68,39 @@ def test_outcomes_come_in_order_and_an_expected_error_fails_only_its_item(worker
     assert [outcome.result for outcome in outcomes] == [item * 10 + 1 if item != 4 else None for item in range(9)]
     assert [str(outcome.error) for outcome in outcomes if outcome.error is not None] == ["item 4 is bad"]
     assert sorted(written) == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert not _pipeline_threads()
+
+
+class _Pairs(Stage):
+    """A stage that finishes items two at a time, the later one first (as a model whose batches span
+    volumes may), and everything it holds on flush."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[int, int]] = []
+
+    def add(self, key: int, value: int) -> None:
+        self.held.append((key, value))
+
+    def take(self, flush: bool) -> list[tuple[int, int, None]]:
+        if len(self.held) < 2 and not flush:
+            return []
+        finished, self.held = self.held, []
+        return [(key, value * 10, None) for key, value in reversed(finished)]
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_a_stage_that_holds_and_reorders_items_gives_outcomes_in_order(workers: int) -> None:
+    """Item 3's read fails while the stage holds item 2: its error comes after item 2's outcome."""
+    def read(item: int) -> int:
+        if item == 3:
+            raise TarganError("item 3 is unreadable")
+        return _slow(item)
+
+    outcomes = list(stream(range(8), read, _Pairs(), lambda item, value: value + 1, workers=workers,
+                           expected=(TarganError,)))
+    assert [outcome.item for outcome in outcomes] == list(range(8))
+    assert [outcome.result for outcome in outcomes] == [item * 10 + 1 if item != 3 else None for item in range(8)]
+    assert [str(outcome.error) for outcome in outcomes if outcome.error is not None] == ["item 3 is unreadable"]
     assert not _pipeline_threads()
 
 

@@ -62,26 +62,22 @@ def normalize(slices: np.ndarray, settings: IntensitySettings) -> np.ndarray:
 
     Pass the whole volume: MR ``scaling="volume"`` takes its scale from all the slices given.
     """
-    if settings.kind != "ct" and settings.scaling != "volume":
-        unit = _official_slice_scaling(np.asarray(slices, dtype=np.float32), settings.noise_floor)
-        np.clip(unit, 0.0, 1.0, out=unit)
-        unit *= 2.0
-        unit -= 1.0
-        return unit
     # Slab by slab into one new array (a volume is large): the same float32 operations as from_unit.
     if settings.kind == "ct":
         values, (low, high) = np.asarray(slices), settings.window
     else:
         values = np.asarray(slices, dtype=np.float32)
-        scale = robust_high(values, settings)
+        scale = robust_high(values, settings) if settings.scaling == "volume" else None
     unit = np.empty(values.shape, dtype=np.float32)
     for part in slabs(unit):
         out = unit[part]
         if settings.kind == "ct":
             np.subtract(values[part], low, out=out, dtype=np.float32)
             out /= high - low
-        else:
+        elif scale is not None:
             np.divide(values[part], scale, out=out, dtype=np.float32)
+        else:  # per slice, so a slab at a time is the same
+            out[...] = _official_slice_scaling(values[part], settings.noise_floor)
         np.clip(out, 0.0, 1.0, out=out)  # clip last: rounding cannot leave [0, 1]
         out *= 2.0
         out -= 1.0
@@ -95,18 +91,15 @@ def denormalize(values: np.ndarray, settings: IntensitySettings) -> np.ndarray:
                           "back to MR intensities; the weights must be trained or converted with one")
     # Slab by slab into one new array (a volume is large): the same float32 operations as to_unit.
     values = np.asarray(values)
+    low, high = settings.window if settings.kind == "ct" else (0.0, settings.reference_high)
     unit = np.empty(values.shape, dtype=np.float32)
     for part in slabs(unit):
         out = unit[part]
         np.clip(np.asarray(values[part], dtype=np.float32), -1.0, 1.0, out=out)
         out += 1.0
         out /= 2.0
-        if settings.kind == "ct":
-            low, high = settings.window
-            out *= high - low
-            out += low
-        else:
-            out *= settings.reference_high
+        out *= high - low
+        out += low
     return unit
 
 

@@ -370,11 +370,13 @@ class ModelStage(Stage):
 
     def add(self, key: int, value: object) -> None:
         volumes = self.volumes(key, value)
-        self.values[key], self.left[key] = value, len(volumes)
-        for prepared, weights in volumes:
-            self._start(key, prepared, weights)
+        self.values[key] = value
         if not volumes:
             self.finished.append(key)
+            return
+        self.left[key] = len(volumes)
+        for prepared, weights in volumes:
+            self._start(key, prepared, weights)
 
     def take(self, flush: bool) -> list[tuple[int, object, None]]:
         for batcher in self.batchers.values():

@@ -8,6 +8,7 @@ import json
 import random
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -22,7 +23,7 @@ import targan_cli.workflows.translate as translate_module
 from targan_cli.cli import app
 from targan_cli.config import IntensitySettings
 from targan_cli.errors import TarganError
-from targan_cli.io.pipeline import Stage, stream
+from targan_cli.io.pipeline import Stage, _Pool, stream
 from targan_cli.workflows.enrich import enrich, verify_nnunet_dataset
 from targan_cli.workflows.segment import SegmenterConfig, build_network, save_segmenter, segment
 from targan_cli.workflows.translate import translate
@@ -38,7 +39,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _pipeline_threads() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name.startswith(("targan-read", "targan-write"))]
+    return [thread for thread in threading.enumerate() if thread.name.startswith("targan-io")]
 
 
 def _slow(value: int) -> int:
@@ -122,6 +123,59 @@ def test_memory_stays_bounded_by_the_workers() -> None:
 
     list(stream(range(30), read, lambda item, value: value, write, workers=2))
     assert 2 <= peak[0] <= 2 * 2 + 1  # read ahead, being processed, waiting to be written
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_reads_and_writes_share_the_workers(workers: int) -> None:
+    """At most ``workers`` file steps (reads and writes together) run at once, as many as the
+    cores they are sized for, and a read and a write do run side by side."""
+    running: list[str] = []
+    peak, mixed = [0], [False]
+    lock = threading.Lock()
+
+    def step(kind: str, item: int) -> int:
+        with lock:
+            running.append(kind)
+            peak[0] = max(peak[0], len(running))
+            mixed[0] |= len(set(running)) == 2
+        _slow(item + (50 if kind == "write" else 0))
+        with lock:
+            running.remove(kind)
+        return item
+
+    list(stream(range(40), partial(step, "read"), lambda item, value: value,
+                lambda item, value: step("write", item), workers=workers))
+    assert peak[0] == workers
+    assert mixed[0] == (workers > 1)
+
+
+def test_the_pool_writes_before_it_reads_and_cancels_what_has_not_started() -> None:
+    pool = _Pool(1)
+    release, ran = threading.Event(), []
+    try:
+        busy = pool.submit(pool.READ, release.wait)
+        queued = [pool.submit(pool.READ, ran.append, "read"), pool.submit(pool.WRITE, ran.append, "write")]
+        release.set()
+        for future in (busy, *queued):
+            future.result(timeout=5)
+        assert ran == ["write", "read"]  # a finished volume leaves memory before the next one is decoded
+
+        release.clear()
+        busy = pool.submit(pool.WRITE, release.wait)
+        while not busy.running():
+            time.sleep(0.001)
+        waiting = pool.submit(pool.READ, ran.append, "late")
+        stopper = threading.Thread(target=pool.shutdown)
+        stopper.start()
+        deadline = time.monotonic() + 5
+        while not waiting.cancelled() and time.monotonic() < deadline:
+            time.sleep(0.001)
+    finally:
+        release.set()
+        pool.shutdown()
+    stopper.join(timeout=5)
+    assert busy.result() is True and waiting.cancelled() and "late" not in ran
+    assert not _pipeline_threads()
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
@@ -243,7 +297,7 @@ def test_ctrl_c_in_a_folder_run_leaves_complete_outputs_only(tmp_path: Path, wei
     monkeypatch.setattr(translate_module.ModelStage, "add", interrupted)
     with pytest.raises(KeyboardInterrupt):
         translate(cases, tmp_path / "out", to="t2w", source="ct", weights=weights, device="cpu", io_workers=2)
-    # case0 was written; case1's write was handed to a writer thread, which either had started it
+    # case0 was written; case1's write was handed to the pool, which either had started it
     # (it finishes) or not (it is cancelled): complete outputs only, no temporaries, no locks.
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written in (["case0.json", "case0.nii.gz"], ["case0.json", "case0.nii.gz", "case1.json", "case1.nii.gz"])
@@ -341,10 +395,12 @@ def test_ctrl_c_in_enrich_leaves_complete_cases_only(tmp_path: Path, weights: Pa
     with pytest.raises(KeyboardInterrupt):
         enrich(images, tmp_path / "raw", source="ct", weights=weights, labels=labels, device="cpu", io_workers=2)
     folder = tmp_path / "raw" / "Dataset501_LiverCTEnriched"
-    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
-        ".targan.json", ".targan_enrich.json", "imagesTr/case0_0000.nii.gz", "imagesTr/case0_0001.json",
-        "imagesTr/case0_0001.nii.gz", "imagesTr/case0_0002.json", "imagesTr/case0_0002.nii.gz",
-        "labelsTr/case0.nii.gz"]  # no temporaries, no locks, no dataset.json
+    # case0's write was handed to the pool, which either had started it (it finishes) or not (it is
+    # cancelled): a whole case or none, no temporaries, no locks, no dataset.json.
+    marks = [".targan.json", ".targan_enrich.json"]
+    case0 = ["imagesTr/case0_0000.nii.gz", "imagesTr/case0_0001.json", "imagesTr/case0_0001.nii.gz",
+             "imagesTr/case0_0002.json", "imagesTr/case0_0002.nii.gz", "labelsTr/case0.nii.gz"]
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) in (marks, marks + case0)
     assert not _pipeline_threads()
 
 

@@ -32,7 +32,7 @@ def tune_cpu_allocator() -> bool:
     Raising the mmap and trim thresholds keeps those pages in the heap; the peak memory is the
     same, it is just not handed back between steps. Threads other than the main one allocate from
     arenas of their own, whose heaps are at most 64 MiB, so a volume-sized block (a 512 x 512 x
-    100 float32 volume is 100 MiB) on translate's reader and writer threads was still mapped,
+    100 float32 volume is 100 MiB) on translate's I/O threads was still mapped,
     zero-filled and unmapped every time whatever the threshold: one arena for all threads keeps
     those pages too (measured: two volumes prepared side by side on two threads took 0.43 s, more
     than one after the other (0.26 s), and take 0.20 s with one arena; a training step is

@@ -473,7 +473,7 @@ def enrich(
 
     def read_case(item: tuple[EnrichCase, list[Path]]) -> tuple[Volume, np.ndarray | None, list[Prepared]]:
         """The image and label, and the image normalized once for the model, a copy per channel
-        (reader threads)."""
+        (I/O threads)."""
         case = item[0]
         volume = read_volume(case.image)
         mask = read_label(case.label, volume).array if case.label is not None else None

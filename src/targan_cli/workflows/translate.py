@@ -304,7 +304,7 @@ class Prepared:
     """A volume normalized for the generator, with what its record needs from before the model
     (``prepare_input``); the model runs on ``normalized`` in place (``run_model``), then ``finish_output``
     makes the translated volume. The first and last steps are NumPy only, so that a folder run
-    does them on its reader and writer threads while the model runs on another volume."""
+    does them on its I/O threads while the model runs on another volume."""
 
     volume: Volume
     source: str
@@ -754,8 +754,8 @@ def translate(
             choice = SourceChoice(str(recorded.get("SourceModality", "?")))
             reports[index] = VolumeReport(target_path, choice, "skipped", "complete, same weights and options")
 
-    # The reader threads read, choose the source modality and normalize (prepare_input); the model
-    # runs in this thread; the writer threads map its output back (finish_output) and write.
+    # The I/O threads read, choose the source modality and normalize (prepare_input), and map the
+    # model's output back (finish_output) and write; the model runs in this thread.
     def read_one(index: int) -> tuple[SourceChoice, Prepared, DicomSeries | None]:
         volume, dicom = first if first is not None else read_input(inputs[index], series)
         choice = infer_source(loaded.config, volume, source, to,

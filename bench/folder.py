@@ -4,8 +4,9 @@ Generates (once, cached in ``--workdir``) a folder of CT-like int16 ``.nii.gz`` 
 x depth (depths spread over ``--depth MIN MAX``), and random weights of ``--preset``. Then, in one
 process, each figure measured ``--rounds`` times (interleaved) and the median reported:
 - (a) the file path alone: the real folder run (read, reorient, normalize, resize in, resize out,
-  denormalize, write with sidecar) with the generator replaced by the identity, one volume after
-  the other (``--io-workers 0``, one core) and streaming with ``--io-workers`` threads;
+  denormalize, write with sidecar) with the generator replaced by the identity and torch on one
+  thread, one volume after the other (``--io-workers 0``, one core) and streaming with
+  ``--io-workers`` threads;
 - (b) the model alone: ``translate_slices`` on the normalized slices of the first
   ``--model-volumes`` volumes, decoded beforehand;
 - (c) the one-at-a-time run (``--io-workers 0``), the path before streaming;
@@ -16,13 +17,15 @@ tuned malloc keeps from earlier runs would be counted). ``--levels`` also times 
 levels on one translated output (size against time). ``--compare-src DIR`` times the file path
 alone, one volume at a time on one thread, of this tree and of another checkout's ``src/`` (an
 older commit: ``git worktree add /tmp/old 54cf249``), each in a fresh subprocess, alternating,
-``--rounds`` times, and prints the medians and their ratio. ``--device cuda --precision bf16`` runs
+``--rounds`` times, and prints the medians and their ratio. ``--file-path-only`` runs (a) alone,
+one at a time and with ``--io-workers`` threads alternating, ``--rounds`` times. ``--device cuda --precision bf16`` runs
 the model there; ``--span on|off`` forces batches that span volumes (``core.inference.spans_volumes``;
 default ``auto``: on CUDA only), so a GPU session can time (d) both ways.
 
     .venv/bin/python bench/folder.py --preset small --volumes 16 --rounds 3
     .venv/bin/python bench/folder.py --small          # 4 volumes of depth 80-100, 2 rounds
     .venv/bin/python bench/folder.py --small --compare-src /tmp/old/src
+    .venv/bin/python bench/folder.py --volumes 16 --rounds 9 --file-path-only
     python bench/folder.py --device cuda --precision bf16 --span off   # then --span on
 """
 
@@ -75,6 +78,8 @@ def parse_args() -> argparse.Namespace:
                         help="batches that span volumes: auto (on CUDA only), on, off")
     parser.add_argument("--levels", action="store_true", help="also time gzip levels 1, 3, 6, 9 of one output")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/targan-bench-folder"))
+    parser.add_argument("--file-path-only", action="store_true",
+                        help="only (a): the file path one at a time and with --io-workers threads, alternating")
     parser.add_argument("--compare-src", type=Path, help="only time the file path of this tree against that of "
                                                           "another checkout's src/ folder")
     args = parser.parse_args()
@@ -125,17 +130,22 @@ def identity(self: Generator, x: torch.Tensor, target: torch.Tensor, area: torch
 
 def folder_run(folder: Path, weights: Path, output: Path, workers: int, batch_size: int,
                model: bool = True, device: str = "cpu", precision: str = "fp32") -> float:
-    """Slices/s of one real folder run (the identity generator when not ``model``)."""
+    """Slices/s of one real folder run. Without ``model``: the file path alone, the identity
+    generator, and torch on one thread, so that one volume at a time is one core and ``workers``
+    threads show what each adds (with torch's own threads the resizing of the one-at-a-time run
+    would already use every core)."""
     shutil.rmtree(output, ignore_errors=True)
-    forward = Generator.forward
+    forward, threads = Generator.forward, torch.get_num_threads()
     if not model:
         Generator.forward = identity
+        torch.set_num_threads(1)
     try:
         result = translate(folder, output, to="t2w", source="ct", weights=weights, device=device,
                            precision=precision, batch_size=batch_size, io_workers=workers,
                            command_line="bench/folder.py")
     finally:
         Generator.forward = forward
+        torch.set_num_threads(threads)
     return result.slices / result.seconds
 
 
@@ -271,6 +281,8 @@ def main() -> None:
             "b": lambda: model_alone(folder, weights, args.model_volumes, args.batch_size, args.device,
                                      args.precision),
             "c": lambda: once(0), "d": lambda: once(workers)}
+    if args.file_path_only:
+        runs = {name: runs[name] for name in ("a1", f"a{workers}")}
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for round_index in range(args.rounds):
         for name, run in runs.items():
@@ -282,11 +294,19 @@ def main() -> None:
               "b": "(b) model alone", "c": "(c) one at a time (--io-workers 0)",
               "d": f"(d) streaming (--io-workers {workers})"}
     for name, label in labels.items():
-        print(f"{label:40s} {median[name]:7.1f} slices/s (runs {', '.join(f'{v:.1f}' for v in rates[name])})")
+        if name in rates:
+            print(f"{label:40s} {median[name]:7.1f} slices/s (runs {', '.join(f'{v:.1f}' for v in rates[name])})")
+    # Each round's runs follow one another under the same conditions (load, heap, page cache), so
+    # the median of the rounds' own ratios is the paired figure; the ratio of medians mixes rounds.
+    paired = statistics.median(two / one for one, two in zip(rates["a1"], rates[f"a{workers}"]))
+    scaling = (f"file path {workers} workers / one: {median[f'a{workers}'] / median['a1']:.2f}x as the ratio of the "
+               f"medians, {paired:.2f}x as the median of each round's ratio (target >= 1.7)")
+    if args.file_path_only:
+        print(scaling)
+        return
     print(f"(d)/(c) {median['d'] / median['c']:.2f}x (target >= 1.25); overlap efficiency (d)/min((a), (b)) "
           f"{median['d'] / min(median[f'a{workers}'], median['b']):.3f} with (a) at {workers} workers, "
-          f"{median['d'] / min(median['a1'], median['b']):.3f} with (a) one at a time (target >= 0.9); "
-          f"file path {workers} workers / one: {median[f'a{workers}'] / median['a1']:.2f}x (target >= 1.7)")
+          f"{median['d'] / min(median['a1'], median['b']):.3f} with (a) one at a time (target >= 0.9); {scaling}")
     peaks = {label: fresh_peak(folder, weights, args.workdir / "out", count, args.device) for label, count in
              (("(c) one at a time", 0), (f"(d) streaming, {workers} workers", workers))}
     print("peak RSS of the whole run in a fresh process: " +

@@ -18,8 +18,8 @@ levels on one translated output (size against time). ``--compare-src DIR`` times
 alone, one volume at a time on one thread, of this tree and of another checkout's ``src/`` (an
 older commit: ``git worktree add /tmp/old 54cf249``), each in a fresh subprocess, alternating,
 ``--rounds`` times, and prints the medians and their ratio. ``--file-path-only`` runs (a) alone,
-one at a time and with ``--io-workers`` threads alternating, ``--rounds`` times. ``--device cuda --precision bf16`` runs
-the model there; ``--span on|off`` forces batches that span volumes (``core.inference.spans_volumes``;
+one at a time and with ``--io-workers`` threads alternating, ``--rounds`` times.
+``--device cuda --precision bf16`` runs the model there; ``--span on|off`` forces batches that span volumes (``core.inference.spans_volumes``;
 default ``auto``: on CUDA only), so a GPU session can time (d) both ways.
 
     .venv/bin/python bench/folder.py --preset small --volumes 16 --rounds 3

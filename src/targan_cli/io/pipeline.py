@@ -4,9 +4,10 @@ A pool of ``workers`` threads decodes the next items and encodes and writes the 
 writes first, while the caller's thread processes the current one (the model, on one device). One
 pool for both, not one of each: at most ``workers`` file steps run at once, as many as the cores
 they were sized for. Measured on 2 cores (16 volumes of 512 x 512 x 80-120, the file path alone,
-two workers against one volume at a time, torch on two threads, 2026-12-05): a reader pool and a writer pool of two
-threads each, 1.40x; one pool in submission order, 1.49x; one pool, writes first, 1.61x. Threads, not processes: gzip (zlib, ISA-L) and NumPy release the GIL, and the volumes need no
-pickling. The process step is a function of one item, or a ``Stage`` that may hold an item until
+two workers against one volume at a time, torch on two threads, 2026-12-05): a reader pool and a
+writer pool of two threads each, 1.40x; one pool in submission order, 1.49x; one pool, writes
+first, 1.61x. Threads, not processes: gzip (zlib, ISA-L) and NumPy release the GIL, and the
+volumes need no pickling. The process step is a function of one item, or a ``Stage`` that may hold an item until
 later ones arrive (a model whose batches span volumes). Memory stays bounded: at most ``workers``
 items read ahead, those the process step holds (one; two when its batches span volumes) and
 ``workers`` waiting to be written. Outcomes come back in the items' order, so the outputs and their

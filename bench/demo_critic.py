@@ -5,9 +5,9 @@ This script asks the trained critic of a demo run (its last checkpoint) why noth
 generator to darken it. On the run's training slices it scores, with both of D_x's heads:
 
 - real CT, real T1w, real T2w, and CT translated from each MR modality (G and its EMA copy);
-- real CT with its fat (voxels of -0.85 to -0.5 in [-1, 1] inside the body, fat being -0.7 in
-  the demo's CT window) painted at soft-tissue level (+0.08, what the demo's model puts there),
-  and brighter still (+0.5).
+- real CT with its fat (body voxels of -130 to -60 HU around the phantom's fat at -100 HU, mapped
+  through the run's own CT window: -0.85 to -0.5 in the demo's) painted at soft-tissue level
+  (+0.08 in [-1, 1], what the demo's model puts there), and brighter still (+0.5).
 
 Per group it prints the mean real/fake score (the src head's patch map averaged over each slice;
 higher is "more real" in the WGAN sense) and the classification head's probability of real CT
@@ -29,11 +29,12 @@ import torch
 
 from targan_cli.config import ModelConfig
 from targan_cli.core.training import TarGAN, TrainConfig
+from targan_cli.core.intensity import normalize
 from targan_cli.data.dataset import load_slices, open_data_dir
 from targan_cli.workflows.demo import DATA, RUN
 from targan_cli.workflows.train import CHECKPOINTS, LAST_CHECKPOINT, load_checkpoint
 
-FAT = (-0.85, -0.5)  # CT fat (-100 HU) is -0.7 in the demo's window of 40 +- 200 HU
+FAT_HU = (-130.0, -60.0)  # around the phantom's CT fat (-100 HU, noise 8-16 HU)
 PAINTED = (0.08, 0.5)
 
 
@@ -79,8 +80,9 @@ def main() -> None:
         with torch.no_grad():
             show(f"CT translated from {name} (G)", model.generator(source, target))
             show(f"CT translated from {name} (EMA G)", model.ema_generator(source, target))
+    low, high = normalize(np.array(FAT_HU), slices.modalities[ct].intensity)
     body = bodies[modality == ct]
-    fat = body & (real_ct > FAT[0]) & (real_ct < FAT[1])
+    fat = body & (real_ct > float(low)) & (real_ct < float(high))
     print(f"fat: {float(fat.sum() / body.sum()):.1%} of the CT body")
     for level in PAINTED:
         show(f"real CT, fat painted at {level:+.2f}", torch.where(fat, torch.tensor(level), real_ct))

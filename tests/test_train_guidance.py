@@ -61,6 +61,18 @@ def test_a_discriminator_that_wins_outright_is_noticed():
     assert discriminator_wins(_history(mixed, rising)) is None  # fooled once: not outright
 
 
+def test_a_small_gap_after_a_large_one_is_a_contest_not_a_rout():
+    # The demo's settings with --lambda-u 1 (docs/demo.md, run B): the critic told the untrained
+    # generator's output apart by about 2, then the gap grew from about 0.035 to 0.08 while the run learned
+    early = [1.1, 1.8, 1.6, 2.0, 1.3]
+    late = [0.03 + 0.003 * i for i in range(20)]
+    rising = [0.1 * i for i in range(20)]
+    assert discriminator_wins(_history(late, rising)) is not None  # alone, the window looks like a rout
+    assert discriminator_wins(_history(early + late, [0.0] * 5 + rising)) is None
+    climbing = [0.1 + 0.15 * i for i in range(20)]  # back up past half the early gap: a rout again
+    assert "generator is not learning" in discriminator_wins(_history(early + climbing, [0.0] * 5 + rising))
+
+
 def test_keep_bounds_the_checkpoints(data, tmp_path):
     train(data, tmp_path / "one", max_steps=4, checkpoint_every=1, **TINY)
     assert sorted(p.name for p in (tmp_path / "one" / "checkpoints").iterdir()) == ["last.pt"]

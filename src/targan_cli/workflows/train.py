@@ -499,13 +499,13 @@ def discriminator_wins(history: list[dict[str, float]], window: int = STALL_WIND
     gradient penalty and the image size, so it is judged against the run's own)."""
     if len(history) < window or any("d_x_adv" not in h or "g_x_adv" not in h for h in history[-window:]):
         return None
-    gaps = [-h["d_x_adv"] for h in history if "d_x_adv" in h]
+    gaps = np.array([-h["d_x_adv"] for h in history if "d_x_adv" in h])  # the whole run's, for its largest
     recent = history[-window:]
-    gap = np.array([-h["d_x_adv"] for h in recent])
+    gap = gaps[-window:]  # every one of the last ``window`` entries has one (checked above)
     adversarial = np.array([h["g_x_adv"] for h in recent])
     quarter = max(1, window // 4)
     if (gap > 0).all() and gap[-quarter:].mean() > 2 * gap[:quarter].mean() and \
-            gap[-quarter:].mean() >= 0.5 * max(gaps) and \
+            gap[-quarter:].mean() >= 0.5 * gaps.max() and \
             adversarial[-quarter:].mean() > adversarial[:quarter].mean():
         return (f"the discriminator is winning outright: its real/fake gap grew from {gap[:quarter].mean():.3g} to "
                 f"{gap[-quarter:].mean():.3g} over the last {len(recent)} logged steps while the generator's adversarial "

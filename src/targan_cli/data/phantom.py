@@ -60,8 +60,9 @@ LIVER_TISSUES = (Tissue.LIVER, Tissue.LIVER_VESSEL, Tissue.CYST, Tissue.METASTAS
 """What the liver label covers: parenchyma with its vessels and lesions (as in CHAOS)."""
 
 # Mean value of each tissue: CT in HU (non-contrast), T1w (in-phase GRE) and T2w on a
-# scanner-like 0..~1500 scale. Orderings that matter: T1 fat > liver > spleen, fluid dark;
-# T2 fluid > spleen > liver; CT bone > liver > fat.
+# scanner-like 0..~1500 scale. Orderings that matter: T1 fat > liver > spleen > muscle, fluid
+# dark; T2 fluid > spleen > liver; CT bone > liver > fat. The T1w liver sits about 1.25 times
+# muscle and 1.06 times spleen (in-phase GRE), below the T1w body mean, not at it.
 CONTRAST: dict[str, dict[Tissue, float]] = {
     "ct": {
         Tissue.AIR: -1000, Tissue.LUNG: -850, Tissue.FAT: -100, Tissue.MUSCLE: 50,
@@ -72,7 +73,7 @@ CONTRAST: dict[str, dict[Tissue, float]] = {
     },
     "t1w": {
         Tissue.AIR: 0, Tissue.LUNG: 20, Tissue.FAT: 1100, Tissue.MUSCLE: 400,
-        Tissue.BOWEL: 380, Tissue.GAS: 0, Tissue.LIVER: 620, Tissue.LIVER_VESSEL: 280,
+        Tissue.BOWEL: 380, Tissue.GAS: 0, Tissue.LIVER: 500, Tissue.LIVER_VESSEL: 280,
         Tissue.CYST: 150, Tissue.METASTASIS: 340, Tissue.SPLEEN: 470, Tissue.KIDNEY: 450,
         Tissue.RENAL_SINUS: 900, Tissue.FLUID: 150, Tissue.BLOOD: 200, Tissue.CORTICAL_BONE: 60,
         Tissue.MARROW: 700, Tissue.DISC: 350, Tissue.CSF: 150, Tissue.HEART: 300,

@@ -10,8 +10,8 @@ all translations (every source, target and test case). Run from the repository r
     python bench/ablation.py                 # about 15 minutes on 2 shared CPU cores
     python bench/ablation.py --steps 20      # a quick try of the script
 
-The settings are the demo's (``workflows.demo.FULL``: learning rates 20x the paper's, cycle
-weight 10, EMA 0.98), because the paper's need tens of thousands of steps.
+The training settings are the demo's (``workflows.demo.FULL``: learning rates, cycle, gradient
+penalty and EMA weights; docs/demo.md), because the paper's need tens of thousands of steps.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main() -> None:
             run = train(data_folder, folder / f"run-{len(rows)}", epochs=10_000, preset="tiny",
                         image_size=args.image_size, batch_size=args.batch_size, max_steps=args.steps,
                         device="cpu", lr_g=FULL.lr_g, lr_d=FULL.lr_d, lambda_rec=FULL.lambda_rec,
-                        ema_decay=FULL.ema_decay, seed=args.seed, log_every=50, sample_every=0,
+                        lambda_gp=FULL.lambda_gp, ema_decay=FULL.ema_decay, seed=args.seed, log_every=50, sample_every=0,
                         overwrite=True, **flags)
             weights = load_weights(run.export_dir, device=torch.device("cpu"))
             result = evaluate_models(data, [generator_model(weights, name, args.batch_size)], METRICS,

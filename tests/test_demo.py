@@ -51,6 +51,30 @@ def test_quick_wording_follows_the_options(demo):
     assert "get the layout" not in report and "scores about the same" not in report  # no fixed claims
 
 
+def test_the_report_names_every_setting_that_differs_from_the_paper(demo):
+    """The training command and the list of settings that differ from the paper's follow the
+    settings the run used (its checkpoint's), against the paper's values written out here."""
+    from targan_cli.workflows.demo import DemoSettings
+    from targan_cli.workflows.train import load_checkpoint
+
+    out, _ = demo
+    report = " ".join((out / "report.md").read_text().split())
+    settings = load_checkpoint(out / "run" / "checkpoints" / "last.pt")["settings"]["train"]
+    for option, key in (("--lr-g", "lr_g"), ("--lr-d", "lr_d"), ("--lambda-rec", "lambda_rec"),
+                        ("--lambda-gp", "lambda_gp"), ("--ema-decay", "ema_decay")):
+        assert f"{option} {settings[key]:g}" in report, option
+    paper = {"lr_g": 1e-4, "lambda_rec": 1.0, "lambda_gp": 10.0, "ema_decay": 0.999}
+    assert f"learning rates {settings['lr_g'] / paper['lr_g']:g} times the paper's" in report
+    assert f"a cycle weight of {settings['lambda_rec']:g} instead of 1" in report
+    assert f"a gradient-penalty weight of {settings['lambda_gp']:g} instead of 10" in report
+    assert f"an EMA decay of {settings['ema_decay']:g} instead of 0.999" in report
+    assert DemoSettings(lr_g=1e-4, lr_d=3e-4, lambda_rec=1.0, ema_decay=0.999, lambda_gp=10.0).paper_differences() == []
+    assert DemoSettings(lr_g=1e-4, lr_d=3e-4, lambda_rec=1.0, ema_decay=0.999, lambda_gp=2.0).paper_differences() == [
+        "a gradient-penalty weight of 2 instead of 10"]
+    assert DemoSettings(lr_g=2e-4, lr_d=1e-3, lambda_rec=1.0, ema_decay=0.999, lambda_gp=10.0).paper_differences() == [
+        "learning rates of 0.0002 for G and S and 0.001 for D instead of 0.0001 and 0.0003"]
+
+
 def test_the_report_shows_the_json_numbers(demo):
     out, _ = demo
     metrics = json.loads((out / "metrics.json").read_text())

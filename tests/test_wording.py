@@ -6,7 +6,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from targan_cli.cli import app
-from targan_cli.errors import counted
+from targan_cli.errors import counted, listed
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "targan_cli"
 
@@ -16,6 +16,13 @@ def test_counted_agrees_in_number() -> None:
     assert counted(2, "slice") == "2 slices"
     assert counted(0, "slice") == "0 slices"
     assert counted(1, "series", "series") == "1 series" and counted(3, "series", "series") == "3 series"
+
+
+def test_listed_reads_as_a_sentence() -> None:
+    assert listed([]) == "none"
+    assert listed(["a"]) == "a"
+    assert listed(["a", "b"]) == "a and b"
+    assert listed(["a", "b", "c"]) == "a, b and c"
 
 
 def test_no_message_hedges_a_count_with_an_s_in_brackets() -> None:

@@ -38,3 +38,10 @@ def counted(count: int, noun: str, plural: str | None = None) -> str:
     """A count and its noun in agreement, for every message the tool prints: "1 slice", "2 slices",
     "0 slices"; ``plural`` for nouns that do not take an s ("1 series", "2 series")."""
     return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
+def listed(items: list[str]) -> str:
+    """Items as a sentence lists them: "a", "a and b", "a, b and c"; "none" for none."""
+    if not items:
+        return "none"
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"

@@ -1,6 +1,7 @@
 """What does the demo's whole-image critic D_x say about fat? Real, translated and edited CT.
 
-The demo's CT translations keep the bright subcutaneous fat of their MR input (docs/demo.md).
+The demo's CT translations keep the bright subcutaneous fat of their MR input
+(docs/demo-experiments.md).
 This script asks the trained critic of a demo run (its last checkpoint) why nothing pushes the
 generator to darken it. On the run's training slices it scores, with both of D_x's heads:
 
@@ -16,7 +17,8 @@ and the classification terms give the generator no reason to make fat dark.
 
     targan demo --out /tmp/demo && python bench/demo_critic.py /tmp/demo
 
-Takes a few seconds on 2 CPU cores; docs/demo.md records the figures.
+Takes a few seconds on 2 CPU cores; docs/demo-experiments.md records the figures (on the phantoms
+before 2026-12-06), docs/demo.md those of today's default run.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ def test_counted_agrees_in_number() -> None:
     assert counted(2, "slice") == "2 slices"
     assert counted(0, "slice") == "0 slices"
     assert counted(1, "series", "series") == "1 series" and counted(3, "series", "series") == "3 series"
+    assert counted(1000, "step") == "1,000 steps" and counted(25000, "step") == "25,000 steps"
 
 
 def test_listed_reads_as_a_sentence() -> None:

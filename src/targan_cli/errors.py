@@ -36,8 +36,9 @@ class DiskFullError(TarganError):
 
 def counted(count: int, noun: str, plural: str | None = None) -> str:
     """A count and its noun in agreement, for every message the tool prints: "1 slice", "2 slices",
-    "0 slices"; ``plural`` for nouns that do not take an s ("1 series", "2 series")."""
-    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+    "0 slices", "1,000 steps" (thousands grouped, as the docs write them); ``plural`` for nouns that
+    do not take an s ("1 series", "2 series")."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
 
 
 def listed(items: list[str]) -> str:

@@ -66,9 +66,8 @@ def main() -> None:
             started = time.perf_counter()
             run = train(data_folder, folder / f"run-{len(rows)}", epochs=10_000, preset="tiny",
                         image_size=args.image_size, batch_size=args.batch_size, max_steps=args.steps,
-                        device="cpu", lr_g=FULL.lr_g, lr_d=FULL.lr_d, lambda_rec=FULL.lambda_rec,
-                        lambda_gp=FULL.lambda_gp, ema_decay=FULL.ema_decay, seed=args.seed, log_every=50, sample_every=0,
-                        overwrite=True, **flags)
+                        device="cpu", seed=args.seed, log_every=50, sample_every=0, overwrite=True,
+                        **FULL.training_options(), **flags)
             weights = load_weights(run.export_dir, device=torch.device("cpu"))
             result = evaluate_models(data, [generator_model(weights, name, args.batch_size)], METRICS,
                                      split="test", device=torch.device("cpu"), batch_size=args.batch_size)

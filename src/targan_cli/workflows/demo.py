@@ -62,6 +62,11 @@ class DemoSettings:
     lambda_gp: float = 1.0  # the paper's 10 loses 8 columns to the body mean-fill at 1,000 steps, 1 loses 3
     seed: int = 0
 
+    def training_options(self) -> dict[str, float]:
+        """The objective's settings the demo sets, by ``train``'s names (its options with - for _),
+        in the order the report writes them."""
+        return {name: getattr(self, name) for name in ("lr_g", "lr_d", "lambda_rec", "lambda_gp", "ema_decay")}
+
     def paper_differences(self) -> list[str]:
         """The training settings that differ from the paper's, in words (for the report)."""
         paper = TrainConfig()
@@ -72,12 +77,9 @@ class DemoSettings:
         elif (self.lr_g, self.lr_d) != (paper.lr_g, paper.lr_d):
             differences.append(f"learning rates of {self.lr_g:g} for G and S and {self.lr_d:g} for D instead of "
                                f"{paper.lr_g:g} and {paper.lr_d:g}")
-        for name, what in (("lambda_rec", "a cycle weight"), ("lambda_gp", "a gradient-penalty weight"),
-                           ("ema_decay", "an EMA decay")):
-            ours, theirs = getattr(self, name), getattr(paper, name)
-            if ours != theirs:
-                differences.append(f"{what} of {ours:g} instead of {theirs:g}")
-        return differences
+        words = {"lambda_rec": "a cycle weight", "lambda_gp": "a gradient-penalty weight", "ema_decay": "an EMA decay"}
+        return differences + [f"{what} of {getattr(self, name):g} instead of {getattr(paper, name):g}"
+                              for name, what in words.items() if getattr(self, name) != getattr(paper, name)]
 
 
 FULL = DemoSettings()
@@ -234,6 +236,7 @@ def _report(result: DemoResult, settings: DemoSettings, out: Path) -> str:
         standing = ("Where a baseline is as good or better, either the model has not learned to beat it in this "
                     "run or no translation can (the oracle below tells which); docs/demo.md shows how longer runs "
                     "fare in those columns.")
+    options = " ".join(f"--{name.replace('_', '-')} {value:g}" for name, value in settings.training_options().items())
     return f"""# targan-cli demo
 
 targan-cli {__version__}, {time.strftime('%Y-%m-%d %H:%M')}, {result.seconds:.0f} s on {result.device}
@@ -244,8 +247,7 @@ targan-cli {__version__}, {time.strftime('%Y-%m-%d %H:%M')}, {result.seconds:.0f
    for each modality, like CHAOS) and {counted(settings.test_cases, 'held-out test case')} rendered in every
    modality, {settings.size} x {settings.size} voxels in-plane, in `{DATA}/`.
 2. `targan train --preset tiny --image-size {settings.image_size} --batch-size {settings.batch_size}
-   --max-steps {settings.steps} --lr-g {settings.lr_g:g} --lr-d {settings.lr_d:g} --lambda-rec {settings.lambda_rec:g}
-   --lambda-gp {settings.lambda_gp:g} --ema-decay {settings.ema_decay:g}`: the full TarGAN objective
+   --max-steps {settings.steps} {options}`: the full TarGAN objective
    for {counted(settings.steps, 'step')} on the {result.device.upper() if result.device != 'cpu' else 'CPU'},
    in `{RUN}/`; the EMA generator is in
    `{relative(result.weights)}/`. Settings that differ from the paper's, because this run has
@@ -333,8 +335,8 @@ def run_demo(out: str | Path = "targan-demo", *, device: str = "auto", quick: bo
 
     trained = train(out / DATA, out / RUN, epochs=10_000, preset="tiny", image_size=settings.image_size,
                     batch_size=settings.batch_size, max_steps=settings.steps, device=str(torch_device),
-                    ema_decay=settings.ema_decay, lr_g=settings.lr_g, lr_d=settings.lr_d,
-                    lambda_rec=settings.lambda_rec, lambda_gp=settings.lambda_gp, seed=settings.seed, log_every=10, sample_every=0, overwrite=True, progress=train_progress)
+                    seed=settings.seed, log_every=10, sample_every=0, overwrite=True, progress=train_progress,
+                    **settings.training_options())
     weights = load_weights(trained.export_dir, device=torch_device)
 
     cases = [data.cases("test", name)[0] for name in data.spec.modality_names]
